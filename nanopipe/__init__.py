@@ -1,0 +1,1 @@
+"""nanopipe: train a small chat model end to end on one machine."""

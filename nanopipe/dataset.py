@@ -1,0 +1,651 @@
+"""Text datasets as parquet shards: download (FineWeb-Edu, ClimbMix), local files, synthetic; streaming reads.
+
+A dataset is `<base>/data/<name>/shard_NNNNN.parquet` (one `text` column, one document per row, row groups
+of ~1000 docs) plus `manifest.json`. The LAST shard (sorted by name) is validation, all others are train.
+
+    python -m nanopipe.dataset download fineweb-edu --num-shards 8     # 7 train shards + the val shard
+    python -m nanopipe.dataset download fineweb-edu --num-shards 240 &  # background: shards appear one by one
+    python -m nanopipe.dataset local --name mine textbooks/ web.jsonl --weights 70,30
+    python -m nanopipe.dataset synthetic --num-shards 4 --seed 0
+    python -m nanopipe.dataset chat-data [--only gsm8k,mmlu]
+    python -m nanopipe.dataset eval-bundle
+
+Downloads always include the source's final shard (fineweb-edu shard_01822) as the validation shard, and
+fetch it first: the val set is then the same whatever --num-shards says, and a background download that
+keeps adding train shards never changes which shard is val. Each shard lands atomically (verified, then
+renamed), so a tokenizer started while the download runs in the background (`&` in the run script) only
+ever sees complete shards.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from nanopipe.common import UserError, atomic_write_text, get_base_dir
+from nanopipe.download import DownloadError, DownloadJob, download_file, download_many
+
+DEFAULT_DATA = "fineweb-edu"
+# name -> (HF dataset repo, index of its last shard)
+PRETRAIN_SOURCES = {
+    "fineweb-edu": ("karpathy/fineweb-edu-100b-shuffle", 1822),
+    "climbmix": ("karpathy/climbmix-400b-shuffle", 6542),
+}
+SHARD_SCHEMA = pa.schema([("text", pa.string())])
+# fixed codec and level so the same documents always give the same bytes
+PARQUET_OPTIONS = dict(compression="zstd", compression_level=3)
+
+
+def hf_endpoint():
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def default_data_name(flag=None):
+    """The dataset a stage reads: its --data flag, else $NANOPIPE_DATA, else fineweb-edu."""
+    return flag or os.environ.get("NANOPIPE_DATA") or DEFAULT_DATA
+
+
+def dataset_dir(name) -> Path:
+    return get_base_dir() / "data" / name
+
+
+def make_command(name):
+    """The command that creates dataset `name`, for error messages."""
+    if name in PRETRAIN_SOURCES:
+        return f"python -m nanopipe.dataset download {name} --num-shards 8"
+    if name == "synthetic":
+        return "python -m nanopipe.dataset synthetic"
+    return f"python -m nanopipe.dataset local --name {name} PATH..."
+
+
+def list_shards(name):
+    """(train_paths, val_path) of dataset `name`: every shard but the last is train."""
+    folder = dataset_dir(name)
+    shards = sorted(folder.glob("shard_*.parquet"))
+    if not shards:
+        raise UserError(f"no dataset shards in {folder}: run `{make_command(name)}` first")
+    if len(shards) < 2:
+        raise UserError(f"dataset {folder} has a single shard, need at least 2 (train + val): "
+                        f"run `{make_command(name)}` with more shards")
+    return shards[:-1], shards[-1]
+
+
+def open_shard(path, column="text") -> pq.ParquetFile:
+    """Open a parquet file and check it has rows (and `column`); UserError naming the file otherwise."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"corrupt parquet file {path} ({e}): delete it and create it again") from None
+    if pf.metadata.num_rows == 0 or pf.num_row_groups == 0:
+        raise UserError(f"empty parquet file {path} (0 rows): delete it and create it again")
+    if column is not None and column not in pf.schema_arrow.names:
+        raise UserError(f"parquet file {path} has no `{column}` column (columns: {pf.schema_arrow.names})")
+    return pf
+
+
+def read_texts(pf, row_group, path):
+    """The `text` values of one row group as python strings."""
+    try:
+        return pf.read_row_group(row_group, columns=["text"]).column(0).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"corrupt parquet file {path}, row group {row_group} ({e}): delete it and create it again") from None
+
+
+def iter_documents(name, split="train", rank=0, world_size=1, start=None, loop=False):
+    """Stream `(text, position)` for the documents of a split, one row group in memory at a time.
+
+    Row groups are dealt to ranks by a global counter over the split's shards (counter % world_size ==
+    rank), so DDP ranks read disjoint documents. `position` = {"epoch", "shard", "row_group", "row"};
+    `start=position` resumes with the document right after it (same rank and world_size required).
+    loop=True cycles over the split forever, counting epochs.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    train, val = list_shards(name)
+    paths = train if split == "train" else [val]
+    epoch = start["epoch"] if start else 0
+    while True:
+        resuming = start is not None and epoch == start["epoch"]
+        rg_offset = 0  # global row-group counter at the start of the current shard
+        owned = 0
+        for shard, path in enumerate(paths):
+            if resuming and shard < start["shard"]:
+                rg_offset += open_shard(path).metadata.num_row_groups
+                continue
+            pf = open_shard(path)
+            num_rg = pf.num_row_groups
+            if resuming and shard == start["shard"] and (rg_offset + start["row_group"]) % world_size != rank:
+                raise UserError(f"resume position {start} was not read by rank {rank} of {world_size}: "
+                                f"resume with the same number of ranks as the checkpoint")
+            for row_group in range(num_rg):
+                if (rg_offset + row_group) % world_size != rank:
+                    continue
+                owned += 1
+                first_row = 0
+                if resuming and shard == start["shard"]:
+                    if row_group < start["row_group"]:
+                        continue
+                    if row_group == start["row_group"]:
+                        first_row = start["row"] + 1
+                texts = read_texts(pf, row_group, path)
+                for row in range(first_row, len(texts)):
+                    if texts[row] is not None:
+                        yield texts[row], {"epoch": epoch, "shard": shard, "row_group": row_group, "row": row}
+            rg_offset += num_rg
+            pf.close()
+        if not loop:
+            return
+        if owned == 0 and not resuming:
+            raise UserError(f"the {split} split of {dataset_dir(name)} has {rg_offset} row groups, fewer than "
+                            f"the {world_size} ranks: make more shards or use fewer ranks")
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# writing shards
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(out_dir, source, shards, **extra):
+    """manifest.json: where the data came from and, per shard, docs, bytes and sha256 (no timestamps)."""
+    manifest = {
+        "name": Path(out_dir).name,
+        "source": source,
+        "num_shards": len(shards),
+        "num_docs": sum(s["docs"] for s in shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        **extra,
+        "shards": shards,
+    }
+    atomic_write_text(Path(out_dir) / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(out_dir):
+    path = Path(out_dir) / "manifest.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a bad manifest is rebuilt, never trusted
+
+
+class _ShardFile:
+    """One parquet shard being written to a temp name, row group by row group."""
+
+    def __init__(self, tmp_path, row_group_size):
+        self.tmp_path = tmp_path
+        self.row_group_size = row_group_size
+        self.writer = pq.ParquetWriter(tmp_path, SHARD_SCHEMA, **PARQUET_OPTIONS)
+        self.rows = []
+        self.docs = 0
+        self.text_bytes = 0
+
+    def add(self, text):
+        self.rows.append(text)
+        self.docs += 1
+        self.text_bytes += len(text.encode("utf-8"))
+        if len(self.rows) == self.row_group_size:
+            self._flush()
+
+    def _flush(self):
+        if self.rows:
+            self.writer.write_table(pa.table({"text": self.rows}, schema=SHARD_SCHEMA), row_group_size=len(self.rows))
+            self.rows = []
+
+    def finish(self, path, split):
+        """Close, fsync, rename into place; returns the manifest entry."""
+        self._flush()
+        self.writer.close()
+        with open(self.tmp_path, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(self.tmp_path, path)
+        return {"file": path.name, "split": split, "docs": self.docs, "text_bytes": self.text_bytes,
+                "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+    def abort(self):
+        self.writer.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """Write documents into `out_dir` as shards of `docs_per_shard` docs, each renamed into place when full.
+
+    write(text) adds a train document. write(text, val=True) sends it to a separate validation shard that
+    close() places last; if no document was marked val, the last train shard is the val shard.
+    close() writes manifest.json. Starting a writer removes the folder's old shards and manifest: the
+    dataset is being rebuilt. Memory holds one row group.
+    """
+
+    def __init__(self, out_dir, docs_per_shard, row_group_size=1000, source=None):
+        self.out_dir = Path(out_dir)
+        self.docs_per_shard = docs_per_shard
+        self.row_group_size = row_group_size
+        self.source = source or {}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for old in [*self.out_dir.glob("shard_*.parquet"), *self.out_dir.glob(".*.parquet.tmp")]:
+            old.unlink()
+        (self.out_dir / "manifest.json").unlink(missing_ok=True)
+        self.entries = []
+        self.train = None
+        self.val = None
+
+    def write(self, text, val=False):
+        if val:
+            if self.val is None:
+                self.val = _ShardFile(self.out_dir / ".val.parquet.tmp", self.row_group_size)
+            self.val.add(text)
+            return
+        if self.train is None:
+            self.train = _ShardFile(self.out_dir / f".shard_{len(self.entries):05d}.parquet.tmp", self.row_group_size)
+        self.train.add(text)
+        if self.train.docs == self.docs_per_shard:
+            self._finish_train()
+
+    def _finish_train(self):
+        path = self.out_dir / f"shard_{len(self.entries):05d}.parquet"
+        self.entries.append(self.train.finish(path, "train"))
+        self.train = None
+
+    def close(self):
+        if self.train is not None:
+            self._finish_train()
+        if self.val is not None:
+            path = self.out_dir / f"shard_{len(self.entries):05d}.parquet"
+            self.entries.append(self.val.finish(path, "val"))
+            self.val = None
+        elif self.entries:
+            self.entries[-1]["split"] = "val"
+        return write_manifest(self.out_dir, self.source, self.entries,
+                              text_bytes=sum(e["text_bytes"] for e in self.entries))
+
+    def abort(self):
+        for f in (self.train, self.val):
+            if f is not None:
+                f.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ---------------------------------------------------------------------------------------------
+# source: download (FineWeb-Edu / ClimbMix)
+
+def verify_parquet(path, column=None):
+    """Download check: the footer reads and the file has rows (and `column` when given)."""
+    pf = pq.ParquetFile(path)
+    if pf.metadata.num_rows == 0:
+        raise ValueError("parquet file has 0 rows")
+    if column is not None and column not in pf.schema_arrow.names:
+        raise ValueError(f"no `{column}` column")
+
+
+def verify_text_shard(path):
+    verify_parquet(path, column="text")
+
+
+def download_pretrain(name, num_shards, workers=4, **download_kwargs):
+    """Download `num_shards` shards of a pretraining source (the last being its final shard, for val).
+
+    Verified shards already on disk are skipped; the manifest is rewritten. Returns the DownloadSummary.
+    """
+    repo, last = PRETRAIN_SOURCES[name]
+    if num_shards < 2:
+        raise UserError(f"--num-shards {num_shards}: need at least 2 (train shards + the val shard)")
+    if num_shards > last + 1:
+        print(f"{name} has {last + 1} shards; downloading all of them")
+        num_shards = last + 1
+    out = dataset_dir(name)
+    url_base = f"{hf_endpoint()}/datasets/{repo}/resolve/main"
+    indices = [last] + list(range(num_shards - 1))  # val first: it never changes and stages need it
+    jobs = [DownloadJob(f"{url_base}/shard_{i:05d}.parquet", out / f"shard_{i:05d}.parquet", verify_text_shard)
+            for i in indices]
+    print(f"downloading {num_shards} shards of {repo} to {out} with {workers} workers")
+    summary = download_many(jobs, workers=workers, **download_kwargs)
+    print(summary.format())
+    update_download_manifest(out, {"kind": "download", "repo": repo, "url": f"{url_base}/shard_{{i:05d}}.parquet"})
+    return summary
+
+
+def update_download_manifest(out_dir, source):
+    """Rewrite manifest.json for the shards on disk, hashing only the ones the old manifest lacks."""
+    known = {s["file"]: s for s in (read_manifest(out_dir) or {}).get("shards", [])}
+    shards = sorted(Path(out_dir).glob("shard_*.parquet"))
+    entries = []
+    for i, path in enumerate(shards):
+        size = path.stat().st_size
+        entry = known.get(path.name)
+        if entry is None or entry["bytes"] != size:
+            entry = {"file": path.name, "docs": open_shard(path).metadata.num_rows, "bytes": size,
+                     "sha256": file_sha256(path)}
+        entry["split"] = "val" if i == len(shards) - 1 else "train"
+        entries.append(entry)
+    return write_manifest(out_dir, source, entries)
+
+
+# ---------------------------------------------------------------------------------------------
+# source: local files
+
+LOCAL_SUFFIXES = (".txt", ".md", ".jsonl", ".parquet")
+
+
+def local_files(path):
+    """The readable files under `path` (itself if a file), in sorted order."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES
+                      and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not path.exists():
+        raise UserError(f"no such file or folder: {path}")
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise UserError(f"cannot read {path}: supported files are {', '.join(LOCAL_SUFFIXES)}")
+    return [path]
+
+
+def iter_file_documents(path):
+    """Documents of one file: a .txt/.md file is one document, .jsonl rows' `text`, .parquet's `text` column."""
+    if path.suffix in (".txt", ".md"):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if text.strip():
+            yield text
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+                if text:
+                    yield text
+    else:
+        pf = open_shard(path)
+        for row_group in range(pf.num_row_groups):
+            yield from (t for t in read_texts(pf, row_group, path) if t)
+
+
+def iter_local_documents(path):
+    for f in local_files(path):
+        yield from iter_file_documents(f)
+
+
+def mix_documents(sources, weights=None, seed=0):
+    """Yield (source_index, text) from several document iterables.
+
+    Without weights the sources are concatenated. With weights, each next document comes from a source
+    drawn with those probabilities by random.Random(seed) (same seed, same order), and the mix stops when
+    the drawn source runs dry, so the proportions hold over the whole output.
+    """
+    iterators = [iter(s) for s in sources]
+    if weights is None:
+        for i, it in enumerate(iterators):
+            for text in it:
+                yield i, text
+        return
+    rng = random.Random(seed)
+    indices = range(len(iterators))
+    while True:
+        i = rng.choices(indices, weights)[0]
+        text = next(iterators[i], None)
+        if text is None:
+            return
+        yield i, text
+
+
+def build_local(name, paths, weights=None, seed=0, docs_per_shard=50_000, val_every=100, row_group_size=1000):
+    """Build data/<name>/ from local files; every `val_every`-th document (from the first) goes to val."""
+    if not name or "/" in name or name.startswith(".") or name in PRETRAIN_SOURCES or name == "synthetic":
+        raise UserError(f"--name {name!r}: pick a plain folder name other than {', '.join([*PRETRAIN_SOURCES, 'synthetic'])}")
+    if weights is not None and len(weights) != len(paths):
+        raise UserError(f"--weights has {len(weights)} values for {len(paths)} paths: give one weight per path")
+    if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+        raise UserError(f"--weights {weights}: weights must be >= 0 with a positive sum")
+    for p in paths:
+        if not local_files(p):
+            raise UserError(f"no {'/'.join(LOCAL_SUFFIXES)} files under {p}")
+    out = dataset_dir(name)
+    source = {"kind": "local", "paths": [str(Path(p).resolve()) for p in paths], "weights": weights, "seed": seed,
+              "val_every": val_every}
+    counts = [0] * len(paths)
+    with ShardWriter(out, docs_per_shard, row_group_size, source) as writer:
+        mixed = mix_documents([iter_local_documents(p) for p in paths], weights, seed)
+        for n, (i, text) in enumerate(mixed):
+            writer.write(text, val=n % val_every == 0)
+            counts[i] += 1
+        if not writer.entries and writer.train is None:
+            writer.abort()
+            raise UserError(f"{sum(counts)} document(s) in {', '.join(map(str, paths))}: need at least 2 (train + val)")
+    for p, c in zip(paths, counts):
+        print(f"{c:>10,} docs from {p}")
+    print(f"wrote {out}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# source: synthetic
+
+def build_synthetic(num_shards, seed=0, force=False):
+    """data/synthetic/: num_shards shards of the synthetic world's prose, plus its eval bundle and chat data."""
+    from nanopipe import synthetic
+    out = dataset_dir("synthetic")
+    source = {"kind": "synthetic", "seed": seed, "docs_per_shard": synthetic.DOCS_PER_SHARD}
+    manifest = read_manifest(out)
+    if (not force and manifest and manifest["source"] == source and manifest["num_shards"] == num_shards
+            and all((out / s["file"]).exists() for s in manifest["shards"]) and (out / "eval_bundle").is_dir()):
+        print(f"{out} already holds synthetic seed {seed} with {num_shards} shards")
+        return out
+    if num_shards < 2:
+        raise UserError(f"--num-shards {num_shards}: need at least 2 (train + val)")
+    with ShardWriter(out, synthetic.DOCS_PER_SHARD, source=source) as writer:
+        for text in synthetic.generate_documents(seed, num_shards * synthetic.DOCS_PER_SHARD):
+            writer.write(text)
+    synthetic.write_extras(seed, out)
+    print(f"wrote {out}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# chat / SFT data and the CORE eval bundle
+
+# name -> (HF dataset repo, parquet files in it); land in <base>/chat_data/<name>/<path>
+CHAT_PARQUETS = {
+    "smoltalk": ("HuggingFaceTB/smol-smoltalk", [*(f"data/train-{i:05d}-of-00004.parquet" for i in range(4)),
+                                                 "data/test-00000-of-00001.parquet"]),
+    "mmlu": ("cais/mmlu", ["auxiliary_train/train-00000-of-00001.parquet", "all/test-00000-of-00001.parquet"]),
+    "gsm8k": ("openai/gsm8k", ["main/train-00000-of-00001.parquet", "main/test-00000-of-00001.parquet"]),
+    "arc": ("allenai/ai2_arc", ["ARC-Easy/train-00000-of-00001.parquet", "ARC-Easy/test-00000-of-00001.parquet",
+                                "ARC-Challenge/train-00000-of-00001.parquet",
+                                "ARC-Challenge/test-00000-of-00001.parquet"]),
+    "humaneval": ("openai/openai_humaneval", ["openai_humaneval/test-00000-of-00001.parquet"]),
+}
+# name -> (env var overriding the URL, default URL, file name); land in <base>/chat_data/<name>/<file>
+CHAT_URLS = {
+    "identity": ("NANOPIPE_IDENTITY_URL",
+                 "https://karpathy-public.s3.us-west-2.amazonaws.com/identity_conversations.jsonl",
+                 "identity_conversations.jsonl"),
+    "words": ("NANOPIPE_WORDS_URL",
+              "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt",
+              "words_alpha.txt"),
+}
+CHAT_DATA_NAMES = [*CHAT_PARQUETS, *CHAT_URLS]
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+
+
+def chat_data_dir() -> Path:
+    return get_base_dir() / "chat_data"
+
+
+def chat_data_file(name, path):
+    """Path of a downloaded chat-data file (e.g. ("gsm8k", "main/test-00000-of-00001.parquet")); UserError if absent."""
+    p = chat_data_dir() / name / path
+    if not p.exists():
+        raise UserError(f"missing {p}: run `python -m nanopipe.dataset chat-data --only {name}`")
+    return p
+
+
+def verify_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        rows = sum(1 for line in f if line.strip() and json.loads(line) is not None)
+    if rows == 0:
+        raise ValueError("no JSON lines")
+
+
+def verify_nonempty_text(path):
+    with open(path, encoding="utf-8") as f:
+        if not f.read(4096).strip():
+            raise ValueError("empty text file")
+
+
+def chat_data_jobs(names):
+    jobs = []
+    for name in names:
+        if name in CHAT_PARQUETS:
+            repo, files = CHAT_PARQUETS[name]
+            jobs += [DownloadJob(f"{hf_endpoint()}/datasets/{repo}/resolve/main/{f}", chat_data_dir() / name / f,
+                                 verify_parquet) for f in files]
+        else:
+            env, url, filename = CHAT_URLS[name]
+            verify = verify_jsonl if filename.endswith(".jsonl") else verify_nonempty_text
+            jobs.append(DownloadJob(os.environ.get(env) or url, chat_data_dir() / name / filename, verify))
+    return jobs
+
+
+def download_chat_data(names=None, workers=4, **download_kwargs):
+    names = names or CHAT_DATA_NAMES
+    unknown = [n for n in names if n not in CHAT_DATA_NAMES]
+    if unknown:
+        raise UserError(f"--only {','.join(unknown)}: unknown; choose from {','.join(CHAT_DATA_NAMES)}")
+    summary = download_many(chat_data_jobs(names), workers=workers, **download_kwargs)
+    print(summary.format())
+    return summary
+
+
+def verify_zip(path):
+    with zipfile.ZipFile(path) as z:
+        bad = z.testzip()
+        if bad is not None:
+            raise ValueError(f"bad CRC for {bad}")
+
+
+def download_eval_bundle(**download_kwargs):
+    """Fetch and unpack the CORE eval bundle into <base>/eval_bundle/ (core.yaml, eval_meta_data.csv, eval_data/)."""
+    base = get_base_dir()
+    out = base / "eval_bundle"
+    if (out / "core.yaml").exists():
+        print(f"{out} already present")
+        return out
+    url = os.environ.get("NANOPIPE_EVAL_BUNDLE_URL") or EVAL_BUNDLE_URL
+    zip_path = base / "eval_bundle.zip"
+    download_file(url, zip_path, verify=verify_zip, **download_kwargs)
+    tmp = Path(tempfile.mkdtemp(dir=base, prefix=".eval_bundle."))
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            z.extractall(tmp)  # zipfile drops absolute and ".." path parts
+        roots = sorted(p.parent for p in tmp.rglob("core.yaml") if "__MACOSX" not in p.parts)
+        if not roots:
+            zip_path.unlink()
+            raise UserError(f"{url} holds no core.yaml: not a CORE eval bundle")
+        if out.exists():
+            shutil.rmtree(out)  # an incomplete earlier bundle (it had no core.yaml)
+        os.replace(roots[0], out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    zip_path.unlink()
+    print(f"wrote {out}")
+    return out
+
+
+def get_eval_bundle_dir(data_name) -> Path:
+    """Where the CORE bundle is: $NANOPIPE_EVAL_BUNDLE, the synthetic world's own, or the downloaded one."""
+    if os.environ.get("NANOPIPE_EVAL_BUNDLE"):
+        path = Path(os.environ["NANOPIPE_EVAL_BUNDLE"]).expanduser()
+        fix = "point NANOPIPE_EVAL_BUNDLE at a folder with core.yaml, eval_meta_data.csv and eval_data/"
+    elif data_name == "synthetic":
+        path = dataset_dir("synthetic") / "eval_bundle"
+        fix = "run `python -m nanopipe.dataset synthetic`"
+    else:
+        path = get_base_dir() / "eval_bundle"
+        fix = "run `python -m nanopipe.dataset eval-bundle` (or set NANOPIPE_EVAL_BUNDLE)"
+    if not (path / "core.yaml").exists():
+        raise UserError(f"no CORE eval bundle in {path}: {fix}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+def parse_weights(text):
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m nanopipe.dataset", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("download", help="download pretraining shards (FineWeb-Edu, ClimbMix)")
+    p.add_argument("name", choices=sorted(PRETRAIN_SOURCES))
+    p.add_argument("--num-shards", "-n", type=int, default=8, help="total shards incl. the val shard")
+    p.add_argument("--workers", type=int, default=4)
+    p = sub.add_parser("local", help="build a dataset from your own .txt/.md/.jsonl/.parquet files or folders")
+    p.add_argument("--name", required=True)
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--weights", type=parse_weights, default=None, help="mixture weights per path, e.g. 50,30,20")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--docs-per-shard", type=int, default=50_000)
+    p.add_argument("--val-every", type=int, default=100, help="every Nth document goes to the val shard")
+    p = sub.add_parser("synthetic", help="generate the offline synthetic world")
+    p.add_argument("--num-shards", "-n", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="rebuild even if the same seed/shards exist")
+    p = sub.add_parser("chat-data", help="download SFT and chat-eval data")
+    p.add_argument("--only", type=lambda s: s.split(","), default=None, help=",".join(CHAT_DATA_NAMES))
+    p.add_argument("--workers", type=int, default=4)
+    sub.add_parser("eval-bundle", help="download the CORE eval bundle")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "download":
+            failed = download_pretrain(args.name, args.num_shards, args.workers).failed
+        elif args.command == "chat-data":
+            failed = download_chat_data(args.only, args.workers).failed
+        elif args.command == "local":
+            build_local(args.name, args.paths, args.weights, args.seed, args.docs_per_shard, args.val_every)
+            failed = []
+        elif args.command == "synthetic":
+            build_synthetic(args.num_shards, args.seed, args.force)
+            failed = []
+        else:
+            download_eval_bundle()
+            failed = []
+    except (UserError, DownloadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Fault-proof HTTP downloads: retries with backoff, resumable partial files, verify-then-rename.
+
+A file only ever appears at its final path complete and verified: bytes stream into `<dest>.partial`,
+an interrupted transfer resumes from there with an HTTP Range request, and the `verify(path)` callback
+(e.g. "the parquet footer reads and has rows") runs before the atomic rename. A file that fails
+verification is deleted and fetched again a bounded number of times, never trusted.
+"""
+
+import email.utils
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+# Statuses worth another try: the server is overloaded or hiccuped, not telling us the file is absent.
+RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+# Transport failures worth another try (resets, timeouts, bodies cut short).
+RETRY_EXCEPTIONS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError)
+
+
+class DownloadError(Exception):
+    """A download that failed for good; carries the URL and a one-line reason."""
+
+    def __init__(self, url, reason):
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way worth retrying; `wait` is the server's Retry-After, if any."""
+
+    def __init__(self, reason, wait=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.wait = wait
+
+
+def partial_path(dest) -> Path:
+    dest = Path(dest)
+    return dest.with_name(dest.name + ".partial")
+
+
+def _retry_after_seconds(value):
+    """Parse a Retry-After header: delay-seconds or an HTTP date. None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _check_verify(verify, path):
+    """Run the verify callback; returns None when the file is good, else the reason it is not."""
+    if verify is None:
+        return None
+    try:
+        ok = verify(path)
+    except Exception as e:  # any failure of the check means the file cannot be trusted
+        return f"verification failed: {type(e).__name__}: {e}"
+    return None if ok is None or ok else "verification failed"
+
+
+def _fetch_once(session, url, part, timeout, chunk_size, progress):
+    """One HTTP attempt that extends `part` towards the full file. Returns the bytes received.
+
+    Raises _Retry for transient failures (the partial file stays for the next attempt to resume)
+    and DownloadError for permanent ones.
+    """
+    offset = part.stat().st_size if part.exists() else 0
+    # identity: a gzip-encoded body would make Content-Length and Range count compressed bytes
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+            if r.status_code == 416 and offset:
+                # our partial is at least as long as the file: trust only an exact length match
+                total = r.headers.get("Content-Range", "").rpartition("/")[2]
+                if total.isdigit() and int(total) == offset:
+                    return 0
+                part.unlink()
+                raise _Retry(f"HTTP 416 for a {offset}-byte partial file, restarting")
+            if r.status_code in RETRY_STATUSES:
+                raise _Retry(f"HTTP {r.status_code} {r.reason}", _retry_after_seconds(r.headers.get("Retry-After")))
+            if r.status_code >= 400:
+                raise DownloadError(url, f"HTTP {r.status_code} {r.reason}")
+            if r.status_code == 206:
+                start, _, total = r.headers.get("Content-Range", "").removeprefix("bytes ").partition("/")
+                if not start.startswith(f"{offset}-"):
+                    part.unlink()
+                    raise _Retry(f"server answered Range {offset}- with {r.headers.get('Content-Range')!r}, restarting")
+                expected = int(total) if total.isdigit() else None
+                mode = "ab"
+            elif r.status_code == 200:
+                # a server that ignores Range sends the whole file again: start over from byte 0
+                offset = 0
+                expected = int(r.headers["Content-Length"]) if r.headers.get("Content-Length", "").isdigit() else None
+                mode = "wb"
+            else:
+                raise DownloadError(url, f"unexpected HTTP {r.status_code} {r.reason}")
+            received = 0
+            with open(part, mode) as f:
+                for chunk in r.iter_content(chunk_size=chunk_size):
+                    f.write(chunk)
+                    received += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                f.flush()
+                os.fsync(f.fileno())
+    except RETRY_EXCEPTIONS as e:
+        raise _Retry(f"{type(e).__name__}: {e}") from e
+    size = part.stat().st_size
+    if expected is not None and size != expected:
+        if size > expected:
+            part.unlink()
+        raise _Retry(f"size mismatch: have {size} bytes, server said {expected}")
+    return received
+
+
+def download_file(url, dest, verify=None, retries=5, backoff=1.0, max_backoff=60.0, timeout=30.0,
+                  max_corrupt=2, chunk_size=1 << 20, session=None, progress=None):
+    """Download `url` to `dest`, robustly. Returns the number of bytes transferred (0 if already there).
+
+    verify: callable(path) that raises (or returns False) when the file is bad; runs on the complete
+        partial file before the rename, and on an existing `dest` to decide whether to skip it.
+    retries: transient failures tolerated (5xx/429/408, resets, timeouts, truncated bodies); waits are
+        backoff * 2**k seconds capped at max_backoff, or the server's Retry-After when it sends one.
+    max_corrupt: how many complete-but-unverifiable files to discard before giving up.
+    progress: callable(nbytes) fed as bytes arrive (download_many drives a tqdm bar with it).
+    Raises DownloadError(url, reason) when the file cannot be had; a 404 is not retried.
+    """
+    dest = Path(dest)
+    if dest.exists():
+        if _check_verify(verify, dest) is None:
+            return 0
+        dest.unlink()  # a bad file at the final path is never trusted: fetch it again
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = partial_path(dest)
+    session = session or requests.Session()
+    received = failures = corrupt = 0
+    while True:
+        try:
+            received += _fetch_once(session, url, part, timeout, chunk_size, progress)
+        except _Retry as e:
+            failures += 1
+            if failures > retries:
+                raise DownloadError(url, f"gave up after {failures} attempts, last: {e.reason}") from None
+            wait = e.wait if e.wait is not None else backoff * 2 ** (failures - 1)
+            time.sleep(min(wait, max_backoff))
+            continue
+        problem = _check_verify(verify, part)
+        if problem is None:
+            os.replace(part, dest)
+            return received
+        part.unlink()
+        corrupt += 1
+        if corrupt > max_corrupt:
+            raise DownloadError(url, f"{problem} (on {corrupt} complete downloads)")
+
+
+@dataclass
+class DownloadJob:
+    url: str
+    dest: Path
+    verify: object = None  # callable(path) or None
+
+
+@dataclass
+class DownloadResult:
+    job: DownloadJob
+    ok: bool
+    nbytes: int = 0  # bytes transferred by this run (0 when the file was already there)
+    skipped: bool = False
+    reason: str = ""
+
+
+@dataclass
+class DownloadSummary:
+    results: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self):
+        return [r for r in self.results if r.ok]
+
+    @property
+    def failed(self):
+        return [r for r in self.results if not r.ok]
+
+    @property
+    def nbytes(self):
+        return sum(r.nbytes for r in self.results)
+
+    def format(self):
+        skipped = sum(r.skipped for r in self.results)
+        mb = self.nbytes / 1e6
+        lines = [f"downloads: {len(self.ok)} ok ({skipped} already present), {len(self.failed)} failed, "
+                 f"{mb:.1f} MB in {self.seconds:.1f}s ({mb / max(self.seconds, 1e-9):.1f} MB/s)"]
+        lines += [f"  FAILED {r.job.url}: {r.reason}" for r in self.failed]
+        return "\n".join(lines)
+
+
+def download_many(jobs, workers=4, show_progress=True, **kwargs):
+    """Download DownloadJobs in a thread pool, in order of submission (early files land first).
+
+    Never raises for a failed file: each outcome is in the returned DownloadSummary (print .format()).
+    kwargs go to download_file (retries, backoff, timeout, ...).
+    """
+    jobs = list(jobs)
+    summary = DownloadSummary()
+    bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress,
+               desc=f"0/{len(jobs)} files")
+    lock = threading.Lock()
+    done = 0
+
+    def run(job):
+        nonlocal done
+        try:
+            nbytes = download_file(job.url, job.dest, verify=job.verify, progress=bar.update, **kwargs)
+            result = DownloadResult(job, ok=True, nbytes=nbytes, skipped=nbytes == 0)
+        except DownloadError as e:
+            result = DownloadResult(job, ok=False, reason=e.reason)
+        except OSError as e:  # disk full, permissions: report it against the file, keep the others going
+            result = DownloadResult(job, ok=False, reason=f"{type(e).__name__}: {e}")
+        with lock:
+            done += 1
+            bar.set_description(f"{done}/{len(jobs)} files")
+        return result
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        summary.results = list(pool.map(run, jobs))
+    summary.seconds = time.perf_counter() - t0
+    bar.close()
+    return summary

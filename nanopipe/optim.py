@@ -1,0 +1,147 @@
+"""Optimizers: Muon for the 2-D weights inside the blocks, AdamW for embeddings, lm_head and scalars.
+
+Muon (REFERENCE §2.2) takes the Nesterov momentum of the gradient, replaces it by its nearest
+semi-orthogonal matrix (Polar Express iterations), rescales rows/columns by a factored second moment
+(NorMuon), and applies it with a shape-aware LR and cautious weight decay. Both optimizers are plain
+local torch.optim optimizers: under torchrun, DistributedDataParallel has already averaged the gradients.
+Every param group records `initial_lr` so the training loop's schedule can scale `lr` from it.
+"""
+
+import torch
+
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932) coefficients for 5 iterations, as used by
+# modded-nanogpt and nanochat: each step maps X -> a X + (b A + c A²) X with A = X Xᵀ.
+POLAR_EXPRESS_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately U Vᵀ of G = U S Vᵀ (all singular values pushed to ~1), batched over leading dims.
+
+    Runs in bf16 on CUDA (the iteration is robust to it and tensor cores make it cheap), fp32 elsewhere.
+    """
+    assert G.ndim >= 2 and 1 <= steps <= len(POLAR_EXPRESS_COEFFS)
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = X.size(-2) > X.size(-1)
+    if tall:  # iterate on the wide orientation so X Xᵀ is the small Gram matrix
+        X = X.mT
+    # scale so the spectral norm is below 1 (Frobenius >= spectral), with the 2% safety margin of the table
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton–Schulz/Polar Express, for 2-D weight matrices only.
+
+    Per group: lr, momentum (Nesterov), beta2 (NorMuon second moment), weight_decay (cautious), ns_steps.
+    Parameters of the same shape are updated as one stacked batch.
+    """
+
+    def __init__(self, params, lr=0.02, momentum=0.95, beta2=0.95, weight_decay=0.0, ns_steps=5):
+        defaults = dict(lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon only takes 2-D parameters, got shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        assert closure is None
+        for group in self.param_groups:
+            by_shape = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(p.shape, []).append(p)
+            for params in by_shape.values():
+                self._update(params, group)
+
+    def _update(self, params, group):
+        rows, cols = params[0].shape
+        # NorMuon keeps one second-moment value per row (tall/square) or per column (wide) of the update
+        reduce_dim = -1 if rows >= cols else -2
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                stat_shape = (rows, 1) if reduce_dim == -1 else (1, cols)
+                state["second_momentum_buffer"] = torch.zeros(stat_shape, dtype=torch.float32, device=p.device)
+        momentum, beta2 = group["momentum"], group["beta2"]
+        grads = torch.stack([p.grad.float() for p in params])
+        bufs = torch.stack([self.state[p]["momentum_buffer"] for p in params])
+        second = torch.stack([self.state[p]["second_momentum_buffer"] for p in params])
+
+        # Nesterov momentum: update the buffer, then look ahead along it
+        bufs.lerp_(grads, 1 - momentum)
+        update = grads.lerp_(bufs, momentum)
+        update = orthogonalize(update, group["ns_steps"]).float()
+
+        # NorMuon: normalise rows (or columns) by their running RMS, then restore the overall norm
+        v_mean = update.square().mean(dim=reduce_dim, keepdim=True)
+        reduced = update.size(reduce_dim)
+        norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * reduced).sqrt()
+        second.lerp_(v_mean, 1 - beta2)
+        step_size = second.clamp_min(1e-10).rsqrt()
+        norm_after = (v_mean * reduced * step_size.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+        update = update * step_size * (norm_before / norm_after.clamp_min(1e-10))
+
+        # shape-aware LR: an orthogonal update of a tall matrix has smaller entries, compensate by sqrt(rows/cols)
+        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
+        wd = group["weight_decay"]
+        weights = torch.stack([p.float() for p in params])
+        # cautious weight decay: only decay coordinates where the update also pulls the weight towards 0
+        decay = (update * weights >= 0).to(weights.dtype)
+        weights.sub_(lr * update + (lr * wd) * weights * decay)
+
+        for i, p in enumerate(params):
+            p.copy_(weights[i])
+            self.state[p]["momentum_buffer"].copy_(bufs[i])
+            self.state[p]["second_momentum_buffer"].copy_(second[i])
+
+
+def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
+                     weight_decay=0.0, adam_betas=(0.8, 0.95), muon_momentum=0.95) -> list[torch.optim.Optimizer]:
+    """[AdamW, Muon] over the model's parameters, grouped as nanochat does (REFERENCE §2.2).
+
+    AdamW LRs of the embedding/head matrices scale with 1/sqrt(d_model / 768) (a wider model needs smaller
+    steps per coordinate); Muon's update is already normalised, and the scalars are width-independent.
+    `weight_decay` applies to Muon; AdamW groups use none.
+    """
+    model_dim = model.config.n_embd
+    scale = (model_dim / 768) ** -0.5
+    matrices = list(model.transformer.h.parameters())
+    adam_groups = [
+        dict(params=[model.lm_head.weight], lr=unembedding_lr * scale, betas=adam_betas),
+        dict(params=[model.transformer.wte.weight], lr=embedding_lr * scale, betas=adam_betas),
+        dict(params=list(model.value_embeds.parameters()), lr=embedding_lr * scale, betas=adam_betas),
+        dict(params=[model.resid_lambdas], lr=scalar_lr * 0.01, betas=adam_betas),
+        dict(params=[model.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95)),
+    ]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    n_grouped = sum(len(g["params"]) for g in adam_groups) + len(matrices)
+    assert n_grouped == len(list(model.parameters())), "every parameter must be in exactly one group"
+    adamw = torch.optim.AdamW(adam_groups, eps=1e-10, weight_decay=0.0, fused=_fused_adamw_ok(model))
+    # one Muon group per shape, so each group's params stack into one batched orthogonalisation
+    shapes = sorted({tuple(p.shape) for p in matrices})
+    muon = Muon([dict(params=[p for p in matrices if tuple(p.shape) == s]) for s in shapes],
+                lr=matrix_lr, momentum=muon_momentum, weight_decay=weight_decay)
+    optimizers = [adamw, muon]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def _fused_adamw_ok(model) -> bool:
+    """The fused AdamW kernel exists for CPU and CUDA float tensors (one pass over all params per step)."""
+    device = next(model.parameters()).device.type
+    return device in ("cpu", "cuda")

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create .venv (if no virtualenv is active) and install nanopipe with the right torch for this machine:
+#   - NVIDIA GPU: the CUDA wheel from the PyTorch index (cu130 by default: DGX Spark / GB10 needs CUDA 13;
+#     override with NANOPIPE_TORCH_INDEX, e.g. https://download.pytorch.org/whl/cu128)
+#   - otherwise: a CPU-only torch (a local wheel if pip can find one offline, else the PyTorch CPU index),
+#     never the multi-GB CUDA stack.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -z "${VIRTUAL_ENV:-}" ]; then
+    if [ ! -x .venv/bin/python ]; then
+        python3 -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+            || { echo "error: nanopipe needs Python >= 3.10 (python3 is $(python3 --version))" >&2; exit 2; }
+        python3 -m venv .venv
+    fi
+    PY=.venv/bin/python
+else
+    PY=python
+fi
+
+if ! $PY -c 'import torch' 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        index="${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cu130}"
+        echo "setup: NVIDIA GPU found; installing torch from $index"
+        $PY -m pip install torch --index-url "$index"
+    elif [ "$(uname -s)" = "Darwin" ]; then
+        $PY -m pip install torch
+    else
+        echo "setup: no GPU; installing a CPU-only torch"
+        $PY -m pip install --no-index "torch==${NANOPIPE_TORCH_VERSION:-2.13.0}" 2>/dev/null \
+            || $PY -m pip install torch --index-url "${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+    fi
+fi
+
+if ! $PY -m pip show -q nanopipe >/dev/null 2>&1 || ! $PY -c 'import pytest, hypothesis' 2>/dev/null; then
+    $PY -m pip install -q -e '.[dev]'
+fi
+$PY -c 'import platform, torch; print("setup: ok: python", platform.python_version(), "torch", torch.__version__, "cuda", torch.cuda.is_available())'

@@ -1,0 +1,111 @@
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanopipe import common
+from nanopipe.common import UserError, atomic_write, autodetect_device, autodetect_dtype, get_base_dir
+
+from .conftest import subprocess_env
+
+
+def test_base_dir_from_env(isolated_dirs):
+    assert get_base_dir() == isolated_dirs
+    assert isolated_dirs.is_dir()
+
+
+def test_base_dir_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("NANOPIPE_BASE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert get_base_dir() == tmp_path / ".cache" / "nanopipe"
+
+
+def test_device_autodetect_and_override(monkeypatch):
+    assert autodetect_device() == ("cuda" if torch.cuda.is_available() else
+                                   "mps" if torch.backends.mps.is_available() else "cpu")
+    assert autodetect_device("cpu") == "cpu"
+    monkeypatch.setenv("NANOPIPE_DEVICE", "cpu")
+    assert autodetect_device() == "cpu"
+    monkeypatch.setenv("NANOPIPE_DEVICE", "tpu")
+    with pytest.raises(UserError, match="NANOPIPE_DEVICE"):
+        autodetect_device()
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA"):
+            autodetect_device("cuda")
+
+
+def test_dtype_policy(monkeypatch):
+    assert autodetect_dtype("cpu") == torch.float32
+    assert autodetect_dtype("mps") == torch.float32
+    monkeypatch.setenv("NANOPIPE_DTYPE", "bfloat16")
+    assert autodetect_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv("NANOPIPE_DTYPE", "int3")
+    with pytest.raises(UserError, match="NANOPIPE_DTYPE"):
+        autodetect_dtype("cpu")
+
+
+def test_peak_flops_unknown_on_cpu(monkeypatch):
+    assert common.peak_flops("cpu") is None
+    monkeypatch.setenv("NANOPIPE_PEAK_FLOPS", "1e12")
+    assert common.peak_flops("cpu") == 1e12
+
+
+def test_atomic_write_keeps_old_file_on_error(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w") as f:
+            f.write("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]
+    with atomic_write(target, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new"
+
+
+def test_seed_everything_repeats():
+    common.seed_everything(3)
+    a = torch.rand(3)
+    common.seed_everything(3)
+    assert torch.equal(a, torch.rand(3))
+
+
+def test_timer_and_duration():
+    with common.Timer() as t:
+        time.sleep(0.01)
+    assert 0.005 < t.seconds < 5
+    assert common.format_duration(3725) == "1h02m"
+    assert common.format_duration(65) == "1m05s"
+
+
+def test_dist_info_without_torchrun(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    info = common.init_distributed("cpu")
+    assert (info.rank, info.world_size, info.is_ddp) == (0, 1, False)
+
+
+def test_torchrun_two_ranks_gloo_all_reduce(tmp_path):
+    script = tmp_path / "ddp_check.py"
+    script.write_text(textwrap.dedent("""
+        import torch, torch.distributed as dist
+        from nanopipe.common import init_distributed, cleanup_distributed, print0
+        info = init_distributed("cpu")
+        assert info.is_ddp and info.world_size == 2 and dist.get_backend() == "gloo"
+        t = torch.tensor([float(info.rank + 1)])
+        dist.all_reduce(t)
+        print(f"rank {info.rank} sum {t.item()}", flush=True)
+        print0("printed once")
+        cleanup_distributed()
+    """))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(script)], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "rank 0 sum 3.0" in result.stdout and "rank 1 sum 3.0" in result.stdout
+    assert result.stdout.count("printed once") == 1
