@@ -33,6 +33,9 @@ def atomic_write(path, mode="wb"):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts get the usual permissions
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -201,3 +204,10 @@ def fail(message: str, code: int = 2):
     """Print one error line and exit: the uniform ending for a user-fixable problem."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """bf16/fp16 autocast on CUDA; a no-op elsewhere (CPU and MPS compute in fp32)."""
+    if device == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()

@@ -6,7 +6,7 @@ of ~1000 docs) plus `manifest.json`. The LAST shard (sorted by name) is validati
     python -m nanopipe.dataset download fineweb-edu --num-shards 8     # 7 train shards + the val shard
     python -m nanopipe.dataset download fineweb-edu --num-shards 240 &  # background: shards appear one by one
     python -m nanopipe.dataset local --name mine textbooks/ web.jsonl --weights 70,30
-    python -m nanopipe.dataset synthetic --num-shards 4 --seed 0
+    python -m nanopipe.dataset synthetic [--num-shards 6] [--seed 0]
     python -m nanopipe.dataset chat-data [--only gsm8k,mmlu]
     python -m nanopipe.dataset eval-bundle
 
@@ -279,6 +279,7 @@ class ShardWriter:
         for f in (self.train, self.val):
             if f is not None:
                 f.abort()
+        self.train = self.val = None
 
     def __enter__(self):
         return self
@@ -447,9 +448,13 @@ def build_local(name, paths, weights=None, seed=0, docs_per_shard=50_000, val_ev
 # ---------------------------------------------------------------------------------------------
 # source: synthetic
 
-def build_synthetic(num_shards, seed=0, force=False):
-    """data/synthetic/: num_shards shards of the synthetic world's prose, plus its eval bundle and chat data."""
+def build_synthetic(num_shards=None, seed=0, force=False):
+    """data/synthetic/: num_shards shards of the synthetic world's prose, plus its eval bundle and chat data.
+
+    Skipped when the folder already holds the same seed and shard count (the run script can call it always).
+    """
     from nanopipe import synthetic
+    num_shards = num_shards or synthetic.DEFAULT_NUM_SHARDS
     out = dataset_dir("synthetic")
     source = {"kind": "synthetic", "seed": seed, "docs_per_shard": synthetic.DOCS_PER_SHARD}
     manifest = read_manifest(out)
@@ -605,7 +610,8 @@ def parse_weights(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanopipe.dataset", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nanopipe.dataset", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("download", help="download pretraining shards (FineWeb-Edu, ClimbMix)")
     p.add_argument("name", choices=sorted(PRETRAIN_SOURCES))
@@ -619,7 +625,7 @@ def main(argv=None):
     p.add_argument("--docs-per-shard", type=int, default=50_000)
     p.add_argument("--val-every", type=int, default=100, help="every Nth document goes to the val shard")
     p = sub.add_parser("synthetic", help="generate the offline synthetic world")
-    p.add_argument("--num-shards", "-n", type=int, default=4)
+    p.add_argument("--num-shards", "-n", type=int, default=None, help="default: synthetic.DEFAULT_NUM_SHARDS")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if the same seed/shards exist")
     p = sub.add_parser("chat-data", help="download SFT and chat-eval data")

@@ -15,13 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+import urllib3
 from tqdm import tqdm
 
 # Statuses worth another try: the server is overloaded or hiccuped, not telling us the file is absent.
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
-# Transport failures worth another try (resets, timeouts, bodies cut short).
-RETRY_EXCEPTIONS = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError)
+MAX_RETRY_AFTER = 900.0  # seconds; a longer Retry-After is capped to this
+# Transport failures worth another try (resets, timeouts, bodies cut short); the body is read through
+# urllib3 directly, so its errors arrive unwrapped.
+RETRY_EXCEPTIONS = (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError, ConnectionError,
+                    TimeoutError)
 
 
 class DownloadError(Exception):
@@ -73,7 +76,7 @@ def _check_verify(verify, path):
 
 
 def _fetch_once(session, url, part, timeout, chunk_size, progress):
-    """One HTTP attempt that extends `part` towards the full file. Returns the bytes received.
+    """One HTTP attempt that extends `part` towards the full file, calling progress(nbytes) as bytes arrive.
 
     Raises _Retry for transient failures (the partial file stays for the next attempt to resume)
     and DownloadError for permanent ones.
@@ -89,7 +92,7 @@ def _fetch_once(session, url, part, timeout, chunk_size, progress):
                 # our partial is at least as long as the file: trust only an exact length match
                 total = r.headers.get("Content-Range", "").rpartition("/")[2]
                 if total.isdigit() and int(total) == offset:
-                    return 0
+                    return
                 part.unlink()
                 raise _Retry(f"HTTP 416 for a {offset}-byte partial file, restarting")
             if r.status_code in RETRY_STATUSES:
@@ -105,18 +108,16 @@ def _fetch_once(session, url, part, timeout, chunk_size, progress):
                 mode = "ab"
             elif r.status_code == 200:
                 # a server that ignores Range sends the whole file again: start over from byte 0
-                offset = 0
                 expected = int(r.headers["Content-Length"]) if r.headers.get("Content-Length", "").isdigit() else None
                 mode = "wb"
             else:
                 raise DownloadError(url, f"unexpected HTTP {r.status_code} {r.reason}")
-            received = 0
             with open(part, mode) as f:
-                for chunk in r.iter_content(chunk_size=chunk_size):
+                # read1 hands over whatever has arrived, so a reset loses nothing already received
+                # (iter_content would drop a partly filled chunk)
+                while chunk := r.raw.read1(chunk_size):
                     f.write(chunk)
-                    received += len(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
+                    progress(len(chunk))
                 f.flush()
                 os.fsync(f.fileno())
     except RETRY_EXCEPTIONS as e:
@@ -126,7 +127,6 @@ def _fetch_once(session, url, part, timeout, chunk_size, progress):
         if size > expected:
             part.unlink()
         raise _Retry(f"size mismatch: have {size} bytes, server said {expected}")
-    return received
 
 
 def download_file(url, dest, verify=None, retries=5, backoff=1.0, max_backoff=60.0, timeout=30.0,
@@ -136,7 +136,8 @@ def download_file(url, dest, verify=None, retries=5, backoff=1.0, max_backoff=60
     verify: callable(path) that raises (or returns False) when the file is bad; runs on the complete
         partial file before the rename, and on an existing `dest` to decide whether to skip it.
     retries: transient failures tolerated (5xx/429/408, resets, timeouts, truncated bodies); waits are
-        backoff * 2**k seconds capped at max_backoff, or the server's Retry-After when it sends one.
+        backoff * 2**k seconds capped at max_backoff, or the server's Retry-After when it sends one
+        (capped at MAX_RETRY_AFTER).
     max_corrupt: how many complete-but-unverifiable files to discard before giving up.
     progress: callable(nbytes) fed as bytes arrive (download_many drives a tqdm bar with it).
     Raises DownloadError(url, reason) when the file cannot be had; a 404 is not retried.
@@ -150,15 +151,24 @@ def download_file(url, dest, verify=None, retries=5, backoff=1.0, max_backoff=60
     part = partial_path(dest)
     session = session or requests.Session()
     received = failures = corrupt = 0
+
+    def count(nbytes):
+        nonlocal received
+        received += nbytes
+        if progress is not None:
+            progress(nbytes)
+
     while True:
         try:
-            received += _fetch_once(session, url, part, timeout, chunk_size, progress)
+            _fetch_once(session, url, part, timeout, chunk_size, count)
         except _Retry as e:
             failures += 1
             if failures > retries:
                 raise DownloadError(url, f"gave up after {failures} attempts, last: {e.reason}") from None
-            wait = e.wait if e.wait is not None else backoff * 2 ** (failures - 1)
-            time.sleep(min(wait, max_backoff))
+            if e.wait is not None:  # the server said when: believe it, within reason
+                time.sleep(min(e.wait, MAX_RETRY_AFTER))
+            else:
+                time.sleep(min(backoff * 2 ** (failures - 1), max_backoff))
             continue
         problem = _check_verify(verify, part)
         if problem is None:

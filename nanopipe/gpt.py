@@ -248,6 +248,12 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x)
+        # CPU training/eval losses take the chunked path (see _ChunkedSoftcapCrossEntropy); per-token losses that
+        # need gradients, and anything being compiled, take the plain one
+        chunked = x.device.type == "cpu" and not torch.compiler.is_compiling() and (
+            loss_reduction != "none" or not torch.is_grad_enabled())
+        if targets is not None and chunked:
+            return chunked_head_loss(x, self.lm_head.weight, targets, self.config.vocab_size, loss_reduction)
         logits = self.lm_head(x)
         if logits.size(-1) != self.config.vocab_size:
             logits = logits[..., :self.config.vocab_size]
@@ -320,6 +326,71 @@ def cross_entropy(logits, targets, reduction="mean"):
         return flat
     if reduction == "mean":
         return flat / (targets != -1).sum().clamp(min=1)
+    raise ValueError(f"unknown loss_reduction {reduction!r}: use mean, sum or none")
+
+
+class _ChunkedSoftcapCrossEntropy(torch.autograd.Function):
+    """Per-token CE of softcap(x @ Wᵀ), computed a few rows at a time; the gradients of a plain sum over
+    the counted tokens are produced during the forward pass, while each chunk's logits are still in cache.
+
+    On CPU the (B*T, V) logits tensor and its ~15 elementwise passes in DRAM (softcap, log-softmax and their
+    backwards) cost about as much as all the matmuls; here they stay in a cache-sized chunk and are never
+    materialised whole. Softcapped logits lie in [-15, 15], so exp() needs no max-subtraction.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, vocab_size, chunk_rows, compute_grad):
+        w = weight[:vocab_size]
+        losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if compute_grad else None
+        grad_w = torch.zeros_like(weight) if compute_grad else None
+        for start in range(0, x.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            xs, ts = x[rows], targets[rows]
+            valid = ts != -1
+            safe = ts.clamp(min=0)
+            t = (xs @ w.t()).float().mul_(1 / LOGIT_SOFTCAP).tanh_()    # softcap(z) = 15 t
+            e = t.mul(LOGIT_SOFTCAP).exp_()
+            total = e.sum(dim=-1)
+            picked = t.gather(1, safe[:, None]).squeeze(1) * LOGIT_SOFTCAP
+            losses[rows] = torch.where(valid, total.log() - picked, 0.0)
+            if compute_grad:
+                g = e.mul_((valid / total)[:, None])                   # softmax, zero on ignored rows
+                g[valid.nonzero().squeeze(1), safe[valid]] -= 1.0
+                g.addcmul_(g, t.square_(), value=-1.0)                # through the softcap: * (1 - t²)
+                g = g.to(x.dtype)
+                grad_x[rows] = g @ w
+                grad_w[:vocab_size].addmm_(g.t(), xs)
+        ctx.save_for_backward(grad_x, grad_w)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        grad_x, grad_w = ctx.saved_tensors
+        if grad_x is None:
+            raise RuntimeError("chunked_head_loss was called without compute_grad")
+        # the precomputed gradients are those of a plain sum over the tokens: only a uniform upstream
+        # gradient (a sum or mean of the losses) can be applied to them
+        scale = grad_losses[0]
+        if not (grad_losses == scale).all():
+            raise RuntimeError("chunked_head_loss supports only a sum or mean of its per-token losses")
+        return grad_x * scale, grad_w * scale, None, None, None, None
+
+
+def chunked_head_loss(x, weight, targets, vocab_size, reduction="mean"):
+    """Loss of the softcapped lm_head on x (B, T, C): same values as `cross_entropy` on the full logits."""
+    flat_x, flat_t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    chunk_rows = max(16, 2**21 // vocab_size)  # ~8 MB of fp32 logits per chunk
+    compute_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if compute_grad and reduction == "none":
+        raise ValueError("loss_reduction='none' with gradients: use the logits path (targets=None)")
+    losses = _ChunkedSoftcapCrossEntropy.apply(flat_x, weight, flat_t, vocab_size, chunk_rows, compute_grad)
+    if reduction == "none":
+        return losses.view(targets.shape)
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        return losses.sum() / (flat_t != -1).sum().clamp(min=1)
     raise ValueError(f"unknown loss_reduction {reduction!r}: use mean, sum or none")
 
 

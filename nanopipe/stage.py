@@ -9,16 +9,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from nanopipe import report
+from nanopipe import report as _report
 from nanopipe.common import Timer, UserError, debug_enabled, is_rank0
 
 
 class Stage:
-    def __init__(self, name: str, args=None):
-        if name not in report.STAGE_TITLES:
-            raise ValueError(f"unknown stage {name!r}; known: {', '.join(report.STAGE_TITLES)}")
+    def __init__(self, name: str, args=None, report: bool = True):
+        """`report=False` for tools that only want the error handling (e.g. chat_cli)."""
+        if report and name not in _report.STAGE_TITLES:
+            raise ValueError(f"unknown stage {name!r}; known: {', '.join(_report.STAGE_TITLES)}")
         self.name = name
         self.args = args
+        self.reports = report
         self.timer = Timer()
 
     def __enter__(self):
@@ -27,10 +29,12 @@ class Stage:
 
     def report(self, markdown: str, data: dict, series: dict | None = None):
         """Write this stage's report section (rank 0 only); `seconds` is the stage's wall time so far."""
+        if not self.reports:
+            raise ValueError(f"{self.name} was opened with report=False")
         if not is_rank0():
             return
         config = dict(vars(self.args)) if self.args is not None else {}
-        report.write_section(self.name, markdown, data, series=series, config=config,
+        _report.write_section(self.name, markdown, data, series=series, config=config,
                              seconds=self.timer.seconds, command=command_line())
 
     def __exit__(self, exc_type, exc, tb):

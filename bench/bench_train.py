@@ -1,0 +1,85 @@
+"""Training throughput on CPU: our step (model loss + Muon/AdamW) vs a plain reference loop, same run.
+
+The reference is what nanochat does per step without compile: full (B, T, V) logits, F.cross_entropy on
+them, and one torch.optim.AdamW over every parameter. The nanochat issue this shape comes from reports
+~1030 tok/s (8 s/step) for it; we print our tok/s, the reference's, and the ratio.
+
+    python -m bench.bench_train                    # depth 4, seq 512, batch 16x512, vocab 32768, fp32
+    python -m bench.bench_train --steps 2 --batch 4  # quicker
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from nanopipe.gpt import build_model, config_from_depth
+from nanopipe.optim import setup_optimizers
+
+
+def time_steps(step_fn, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step_fn()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    config = config_from_depth(args.depth, args.vocab, max_seq_len=args.seq, head_dim=args.head_dim)
+    gen = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen)
+    x, y = batch[:, :-1], batch[:, 1:]
+    tokens = x.numel()
+
+    torch.manual_seed(0)
+    model = build_model(config, "cpu")
+    optimizers = setup_optimizers(model)
+
+    def ours():
+        loss = model(x, y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+    torch.manual_seed(0)
+    ref_model = build_model(config, "cpu")
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, betas=(0.8, 0.95), eps=1e-10)
+
+    def reference():
+        logits = ref_model(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+        loss.backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+
+    print(f"depth {args.depth} width {config.n_embd} heads {config.n_head} seq {args.seq} batch {args.batch} "
+          f"vocab {args.vocab} threads {torch.get_num_threads()} params {model.num_params():,}")
+    # interleave so background load on a shared machine hits both sides alike
+    dt_ref = time_steps(reference, args.warmup, args.steps)
+    dt_ours = time_steps(ours, args.warmup, args.steps)
+    dt_ref = min(dt_ref, time_steps(reference, 0, args.steps))
+    dt_ours = min(dt_ours, time_steps(ours, 0, args.steps))
+    print(f"reference (full logits + AdamW): {dt_ref:.2f} s/step  {tokens / dt_ref:8.0f} tok/s")
+    print(f"ours      (model loss + Muon/AdamW): {dt_ours:.2f} s/step  {tokens / dt_ours:8.0f} tok/s")
+    print(f"ratio ours/reference: {dt_ref / dt_ours:.2f}x  (nanochat issue figure for this shape: ~1030 tok/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+# Sourced by the speedrun scripts: the python to use, and `step`, which runs a stage once.
+#
+#   step NAME command...   runs the command unless NAME finished in this run already (a marker file in
+#                          $RUN_DIR); a failed or killed step has no marker, so rerunning the script
+#                          retries it (training steps pass --resume and continue from their checkpoint).
+
+if [ -n "${VIRTUAL_ENV:-}" ]; then PY=python; else PY="$PWD/.venv/bin/python"; fi
+export PYTHONUNBUFFERED=1
+
+start_run() {  # start_run NAME: set RUN_DIR; FRESH=1 (or a first run) resets the markers and the report
+    RUN_DIR="$NANOPIPE_BASE_DIR/runs/$1"
+    if [ "${FRESH:-0}" = "1" ]; then rm -rf "$RUN_DIR"; fi
+    if [ ! -d "$RUN_DIR" ]; then
+        mkdir -p "$RUN_DIR"
+        $PY -m nanopipe.report reset
+    fi
+    RUN_START=$(date +%s)
+}
+
+step() {
+    local name="$1"; shift
+    if [ -f "$RUN_DIR/$name.done" ]; then
+        echo "== $name: done already (delete $RUN_DIR/$name.done to redo it)"
+        return 0
+    fi
+    echo "== $name: $*"
+    "$@"
+    touch "$RUN_DIR/$name.done"
+}
+
+elapsed() { local s=$(( $(date +%s) - RUN_START )); printf '%dh%02dm%02ds' $((s/3600)) $((s%3600/60)) $((s%60)); }

@@ -1,0 +1,137 @@
+"""
+Evaluate a base model: CORE (per-task accuracy, centered, random baseline, runtime), train/val bits per
+byte, greedy samples from fixed prompts, and optionally loss/perplexity/bpb on your own text files.
+
+    python -m scripts.base_eval                              # core, bpb, sample
+    python -m scripts.base_eval --eval core --max-per-task 100
+    python -m scripts.base_eval --eval text --text notes.md book.txt
+    torchrun --nproc_per_node=8 -m scripts.base_eval         # CORE items and bpb batches sharded over ranks
+"""
+
+import argparse
+from contextlib import nullcontext
+
+import torch
+
+from nanopipe.checkpoint import load_model
+from nanopipe.common import (UserError, autodetect_device, autodetect_dtype, cleanup_distributed,
+                             init_distributed, print0)
+from nanopipe.core_eval import evaluate_core
+from nanopipe.dataloader import PretrainLoader
+from nanopipe.dataset import default_data_name, get_eval_bundle_dir
+from nanopipe.engine import Engine
+from nanopipe.loss_eval import evaluate_bpb, evaluate_text
+from nanopipe.report import core_label
+from nanopipe.stage import Stage
+
+EVALS = ("core", "bpb", "sample", "text")
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m scripts.base_eval", description=__doc__.strip().split("\n\n")[0])
+    parser.add_argument("--eval", default="core,bpb,sample", help=f"comma-separated subset of {','.join(EVALS)}")
+    parser.add_argument("--max-per-task", type=int, default=-1, help="CORE items per task (-1: all)")
+    parser.add_argument("--device-batch-size", type=int, default=16, help="sequences per forward pass")
+    parser.add_argument("--split-tokens", type=int, default=10 * 524288, help="tokens per split for bpb")
+    parser.add_argument("--model-tag", default=None, help="checkpoint tag (default: the latest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    parser.add_argument("--data", default=None, help="dataset for bpb and the CORE bundle choice (default: $NANOPIPE_DATA or fineweb-edu)")
+    parser.add_argument("--text", nargs="+", default=[], help="text files for --eval text")
+    parser.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
+    args = parser.parse_args(argv)
+    evals = [e.strip() for e in args.eval.split(",") if e.strip()]
+    unknown = [e for e in evals if e not in EVALS]
+    if unknown or not evals:
+        parser.error(f"--eval {args.eval!r}: choose from {', '.join(EVALS)}")
+    if "text" in evals and not args.text:
+        parser.error("--eval text needs --text FILE...")
+    if args.device_batch_size < 1:
+        parser.error("--device-batch-size must be at least 1")
+    args.evals = evals
+    return args
+
+
+def markdown_core(result: dict) -> str:
+    lines = [f"**{core_label(result)}: {result['core']:.4f}**", ""]
+    if result["missing_tasks"]:
+        lines += [f"Missing task files (skipped): {', '.join(result['missing_tasks'])}", ""]
+    lines += ["| task | accuracy | centered | random baseline % | n | seconds |", "|---|---|---|---|---|---|"]
+    for label, r in result["tasks"].items():
+        lines.append(f"| {label} | {r['accuracy']:.4f} | {r['centered']:.4f} | {r['random_baseline']:g} | {r['n']} | {r['seconds']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with Stage("base_eval", args) as stage:
+        device = autodetect_device(args.device)
+        info = init_distributed(device)
+        dtype = autodetect_dtype(device)
+        autocast = torch.autocast(device, dtype=dtype) if device == "cuda" and dtype != torch.float32 else nullcontext()
+        model, tokenizer, meta = load_model("base", args.model_tag, args.step, device)
+        data_name = default_data_name(args.data)
+        data, sections = {}, []
+
+        if "core" in args.evals:
+            bundle = get_eval_bundle_dir(data_name)
+            print0(f"CORE on {bundle}")
+            with autocast:
+                result = evaluate_core(model, tokenizer, bundle, device, max_per_task=args.max_per_task,
+                                       batch_size=args.device_batch_size)
+            for label, r in result["tasks"].items():
+                print0(f"{label:<35} accuracy {r['accuracy']:.4f}  centered {r['centered']:+.4f}  ({r['n']} items, {r['seconds']:.1f}s)")
+            print0(f"{core_label(result)}: {result['core']:.4f}")
+            data.update({k: result[k] for k in ("core", "core_tasks", "core_tasks_total", "missing_tasks", "tasks")})
+            sections.append("### CORE\n\n" + markdown_core(result))
+
+        if "bpb" in args.evals:
+            seq_len = model.config.sequence_len
+            steps = max(1, args.split_tokens // (args.device_batch_size * seq_len * info.world_size))
+            bpb = {}
+            for split in ("train", "val"):
+                loader = PretrainLoader(tokenizer, data_name, split, args.device_batch_size, seq_len, device=device,
+                                        rank=info.rank, world_size=info.world_size)
+                with autocast:
+                    bpb[split] = evaluate_bpb(model, loader, steps, tokenizer.token_bytes())
+                print0(f"{split} bpb: {bpb[split]:.4f}")
+            data["bpb"] = bpb
+            sections.append(f"### Bits per byte\n\n| split | bpb |\n|---|---|\n| train | {bpb['train']:.4f} |\n| val | {bpb['val']:.4f} |\n\n"
+                            f"({steps} batches of {args.device_batch_size}x{seq_len} tokens per split and rank, data `{data_name}`)")
+
+        if "sample" in args.evals:
+            engine = Engine(model, tokenizer)
+            samples = []
+            for prompt in SAMPLE_PROMPTS:
+                ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+                with autocast:
+                    sequences, _ = engine.generate_batch(ids, max_tokens=16, temperature=0.0)
+                samples.append(tokenizer.decode(sequences[0][1:]))
+                print0(samples[-1])
+            data["samples"] = samples
+            sections.append("### Samples (greedy)\n\n" + "\n".join(f"- `{s!r}`" for s in samples))
+
+        if "text" in args.evals:
+            with autocast:
+                text = evaluate_text(model, tokenizer, args.text, batch_size=args.device_batch_size)
+            for path, r in text["files"].items():
+                print0(f"{path}: bpb {r['bpb']:.4f}  loss/token {r['loss_per_token']:.4f}  perplexity {r['perplexity']:.2f}  ({r['tokens']} tokens)")
+            data["text"] = text
+            rows = [f"| {path} | {r['bpb']:.4f} | {r['loss_per_token']:.4f} | {r['perplexity']:.2f} | {r['tokens']} |"
+                    for path, r in text["files"].items()]
+            sections.append("### Your text\n\n| file | bpb | loss/token | perplexity | tokens |\n|---|---|---|---|---|\n" + "\n".join(rows))
+
+        stage.report("\n\n".join(sections), data)
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,590 @@
+"""Pretrain the base model. --depth sizes everything (REFERENCE §2.3): width, heads, tokens, batch, LRs, WD.
+
+    python -m scripts.base_train --depth 12 --max-seq-len 1024 --device-batch-size 64
+    torchrun --standalone --nproc_per_node=2 -m scripts.base_train --depth 12      # DDP (gloo on CPU)
+    python -m scripts.base_train --depth 4 --head-dim 64 --dry-run                 # plan + ETA, then exit
+    python -m scripts.base_train --depth 12 --resume                               # continue the last checkpoint
+
+Writes checkpoints/base/<tag>/step_NNNNNN/ (final one before the final evals), logs/<tag>.jsonl (one line
+per step) and the base_train report section.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import resource
+import time
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from nanopipe.checkpoint import (checkpoint_root, find_last_step, load_checkpoint, rng_state, save_checkpoint,
+                                 set_rng_state, step_dir, update_meta)
+from nanopipe.common import (UserError, autodetect_device, autodetect_dtype, cleanup_distributed, format_duration,
+                             get_base_dir, init_distributed, peak_flops, print0, seed_everything)
+from nanopipe.dataloader import PretrainLoader
+from nanopipe.dataset import default_data_name, get_eval_bundle_dir
+from nanopipe.gpt import GPT, build_model, config_from_depth
+from nanopipe.loss_eval import evaluate_bpb
+from nanopipe.optim import setup_optimizers
+from nanopipe.stage import Stage
+from nanopipe.tokenizer import get_tokenizer
+
+# the reference point of every depth-derived hyperparameter: d12 at ratio 10.5 trained with 2^19-token batches
+REFERENCE_DEPTH = 12
+REFERENCE_BATCH = 2**19
+REFERENCE_RATIO = 10.5
+INITIAL_LOSS_TOLERANCE = 1.0  # nats away from ln(vocab) at step 1 means an init or data bug
+SPIKE_FACTOR = 5.0  # a grad norm this many times its running average is a spike
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Pretrain the base model (sizes derived from --depth).")
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, default=20, help="number of layers; width = depth * aspect ratio")
+    g.add_argument("--aspect-ratio", type=int, default=64, help="width per layer")
+    g.add_argument("--head-dim", type=int, default=128, help="attention head size (64 for small models)")
+    g.add_argument("--max-seq-len", type=int, default=2048, help="training context length")
+    g = p.add_argument_group("horizon and batch")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from the ratio)")
+    g.add_argument("--target-flops", type=float, default=-1, help="training FLOPs budget (-1: from the ratio)")
+    g.add_argument("--target-param-data-ratio", type=float, default=REFERENCE_RATIO,
+                   help="tokens = ratio * scaling params")
+    g.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per process")
+    g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per step (-1: Power Lines auto)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--embedding-lr", type=float, default=0.3)
+    g.add_argument("--unembedding-lr", type=float, default=0.004)
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR")
+    g.add_argument("--scalar-lr", type=float, default=0.5)
+    g.add_argument("--weight-decay", type=float, default=0.2, help="Muon weight decay at the reference d12 horizon")
+    g.add_argument("--warmup-ratio", type=float, default=0.0)
+    g.add_argument("--warmdown-ratio", type=float, default=0.5)
+    g.add_argument("--final-lr-frac", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (<= 0: no clipping)")
+    g.add_argument("--skip-spikes", action="store_true", help="skip the update of a step whose grad norm spikes")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1: never)")
+    g.add_argument("--eval-tokens", type=int, default=40 * 2**19)
+    g.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps (-1: never)")
+    g.add_argument("--core-metric-max-per-task", type=int, default=500)
+    g.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (-1: never)")
+    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only the last)")
+    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
+    g.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
+    g.add_argument("--tensorboard", action="store_true", help="also log to <base>/logs/tensorboard/<tag>")
+    g.add_argument("--wandb", default=None, metavar="RUN", help="also log to wandb under this run name")
+    g = p.add_argument_group("run")
+    g.add_argument("--data", default=None, help="dataset name under <base>/data (default $NANOPIPE_DATA or fineweb-edu)")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training model (CUDA)")
+    g.add_argument("--resume", action="store_true", help="continue from the tag's last checkpoint if there is one")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and a measured ETA, then exit")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: everything derived from --depth
+
+def scaling_params_of(config) -> int:
+    with torch.device("meta"):
+        return GPT(config).num_scaling_params()
+
+
+def valid_device_batch_sizes(total_batch: int, seq_len: int, world: int) -> list[int]:
+    per_row = seq_len * world
+    return [b for b in range(1, total_batch // per_row + 1) if total_batch % (b * per_row) == 0]
+
+
+def make_plan(args, config, world_size: int) -> dict:
+    """Batch size, steps, LR scale and weight decay for this depth (REFERENCE §2.3)."""
+    scaling_params = scaling_params_of(config)
+    reference = config_from_depth(REFERENCE_DEPTH, config.vocab_size, config.sequence_len)
+    d_ref = REFERENCE_RATIO * scaling_params_of(reference)
+    target_tokens = args.target_param_data_ratio * scaling_params
+    if args.total_batch_size > 0:
+        total_batch = args.total_batch_size
+    else:  # Power Lines: the optimal batch grows as D^0.383
+        total_batch = 2 ** round(math.log2(REFERENCE_BATCH * (target_tokens / d_ref) ** 0.383))
+    tokens_per_micro = args.device_batch_size * config.sequence_len * world_size
+    if total_batch % tokens_per_micro:
+        sizes = valid_device_batch_sizes(total_batch, config.sequence_len, world_size)
+        raise UserError(f"total batch {total_batch:,} tokens is not a multiple of --device-batch-size "
+                        f"{args.device_batch_size} x seq {config.sequence_len} x {world_size} rank(s) = "
+                        f"{tokens_per_micro:,}: use --device-batch-size in {sizes or 'none'} "
+                        f"or a --total-batch-size that is a multiple of {tokens_per_micro:,}")
+    with torch.device("meta"):
+        flops_per_token = GPT(config).flops_per_token()
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif args.target_flops > 0:
+        num_iterations = round(args.target_flops / (flops_per_token * total_batch))
+    else:
+        num_iterations = int(target_tokens // total_batch)
+    if num_iterations < 1:
+        raise UserError(f"the plan has {num_iterations} steps: raise --num-iterations/--target-flops/"
+                        f"--target-param-data-ratio or lower --total-batch-size")
+    return {
+        "scaling_params": scaling_params,
+        "target_tokens": int(target_tokens),
+        "total_batch_size": total_batch,
+        "grad_accum": total_batch // tokens_per_micro,
+        "num_iterations": num_iterations,
+        "tokens": num_iterations * total_batch,
+        "flops_per_token": flops_per_token,
+        "total_flops": flops_per_token * num_iterations * total_batch,
+        # sqrt LR scaling with batch size, and the T_epoch rule for weight decay (wd * lr * horizon constant)
+        "lr_scale": math.sqrt(total_batch / REFERENCE_BATCH),
+        "weight_decay": args.weight_decay * math.sqrt(total_batch / REFERENCE_BATCH) * d_ref / target_tokens,
+    }
+
+
+def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_frac: float):
+    """Linear warmup, constant, then linear warmdown to final_frac; `it` = steps already taken."""
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if it < warmup:
+        return (it + 1) / warmup
+    if it <= num_iterations - warmdown:
+        return 1.0
+    progress = (num_iterations - it) / warmdown
+    return progress + (1 - progress) * final_frac
+
+
+def muon_momentum(it: int) -> float:
+    frac = min(it / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def apply_schedules(optimizers, it, num_iterations, args, weight_decay):
+    lrm = lr_multiplier(it, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    adamw, muon = optimizers
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(it)
+        group["weight_decay"] = weight_decay * (1 - it / num_iterations)
+    return lrm
+
+
+# ---------------------------------------------------------------------------------------------
+# logging
+
+class MetricLog:
+    """logs/<tag>.jsonl (rank 0), plus TensorBoard / wandb when asked for."""
+
+    def __init__(self, path, resume_step, args, tag, enabled):
+        self.path = path
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a fresh run starts a fresh log; a resumed one drops lines past its checkpoint (they will be redone)
+        kept = [r for r in read_log(path) if r["step"] <= resume_step] if resume_step > 0 else []
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        if args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(get_base_dir() / "logs" / "tensorboard" / tag))
+        if args.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
+            self.wandb = wandb.init(project="nanopipe", name=args.wandb, config=vars(args), resume="allow")
+
+    def write(self, record: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "step"}
+        if self.tb is not None:
+            for key, value in numbers.items():
+                self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_log(path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            pass
+    return records
+
+
+def peak_memory_mb(device) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    args = parse_args(argv)
+    with Stage("base_train", args) as stage:
+        train(args, stage)
+
+
+def train(args, stage):
+    device = autodetect_device(args.device)
+    info = init_distributed(device)
+    rank, world = info.rank, info.world_size
+    master = rank == 0
+    dtype = autodetect_dtype(device)
+    autocast = (torch.autocast(device_type="cuda", dtype=dtype) if device == "cuda" and dtype != torch.float32
+                else contextlib.nullcontext())
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    seed_everything(args.seed)
+
+    try:
+        tokenizer = get_tokenizer()
+        vocab_size = tokenizer.vocab_size
+    except UserError:
+        if not args.dry_run:
+            raise
+        tokenizer, vocab_size = None, 32768  # a plan needs only the vocabulary size
+        print0(f"no tokenizer yet: planning with the default vocabulary of {vocab_size:,}")
+    data_name = default_data_name(args.data)
+    config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim)
+    plan = make_plan(args, config, world)
+    N, grad_accum, total_batch = plan["num_iterations"], plan["grad_accum"], plan["total_batch_size"]
+    tag = args.model_tag or f"d{args.depth}"
+    ckpt_dir = checkpoint_root("base") / tag
+    peak = peak_flops(device)
+
+    model = build_model(config, device)
+    counts = model.param_counts()
+    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads of {config.head_dim}, "
+           f"seq {config.sequence_len}, vocab {config.vocab_size:,}")
+    print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
+           + f"; total {model.num_params():,}, scaling {plan['scaling_params']:,}")
+    print0(f"plan: {N:,} steps x {total_batch:,} tokens = {plan['tokens']:,} tokens "
+           f"(ratio {plan['tokens'] / plan['scaling_params']:.1f}), {plan['flops_per_token']:.3e} FLOPs/token, "
+           f"{plan['total_flops']:.3e} FLOPs; grad accum {grad_accum} x {args.device_batch_size} rows x {world} rank(s); "
+           f"LR x{plan['lr_scale']:.3f}, Muon wd {plan['weight_decay']:.4f}; device {device}, {dtype}")
+
+    lr_scale = plan["lr_scale"]
+    optimizers = setup_optimizers(model, matrix_lr=args.matrix_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
+                                  unembedding_lr=args.unembedding_lr * lr_scale, scalar_lr=args.scalar_lr * lr_scale,
+                                  weight_decay=plan["weight_decay"])
+    if args.dry_run:
+        dry_run(args, model, optimizers, plan, device, autocast, sync, peak, world)
+        cleanup_distributed()
+        return
+
+    # resume: model, optimizers, loader position, RNG and loop state from the last checkpoint
+    start_step, loader_state = 0, None
+    loop = {"smooth_loss": 0.0, "grad_norm_ema": 0.0, "train_seconds": 0.0, "timed_steps": 0, "val_bpb": None}
+    last_step = find_last_step(ckpt_dir)
+    if last_step is not None and not args.resume:
+        raise UserError(f"{ckpt_dir} already has a checkpoint at step {last_step}: pass --resume to continue it, "
+                        f"or use another --model-tag (or delete that folder) to start over")
+    if last_step is not None:
+        ckpt = load_checkpoint(ckpt_dir, last_step, device=device, rank=rank)
+        check_resumable(ckpt["meta"], config, plan, args, world)
+        model.load_state_dict(ckpt["model"])
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        start_step, loader_state = last_step, ckpt["loader"]
+        loop.update(ckpt["meta"]["loop_state"])
+        set_rng_state(ckpt["rng"])
+        print0(f"resuming {ckpt_dir} from step {start_step}")
+        del ckpt
+    elif args.resume:
+        print0(f"nothing to resume in {ckpt_dir}: starting from step 0")
+
+    token_bytes = tokenizer.token_bytes().to(device)
+    bundle_dir = get_eval_bundle_dir(data_name) if args.core_metric_every > 0 else None  # fail fast if missing
+    train_loader = PretrainLoader(tokenizer, data_name, "train", args.device_batch_size, config.sequence_len,
+                                  device, rank, world, state=loader_state)
+    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * config.sequence_len * world))
+
+    def val_bpb():
+        val_loader = PretrainLoader(tokenizer, data_name, "val", args.device_batch_size, config.sequence_len,
+                                    device, rank, world)
+        with autocast:
+            return evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+
+    train_model = DDP(model, device_ids=[info.local_rank] if device == "cuda" else None) if info.is_ddp else model
+    if args.compile:
+        train_model = torch.compile(train_model, dynamic=False)
+
+    log = MetricLog(get_base_dir() / "logs" / f"{tag}.jsonl", start_step, args, tag, enabled=master)
+    meta_common = {"user_config": vars(args), "plan": plan, "tag": tag, "data": data_name,
+                   "device_batch_size": args.device_batch_size, "max_seq_len": config.sequence_len}
+
+    def save(step):
+        meta = dict(meta_common, loop_state=loop, val_bpb=loop["val_bpb"])
+        return save_checkpoint(ckpt_dir, step, model, optimizers, meta, train_loader.state_dict(), rng_state(),
+                               keep_last=args.keep_last)
+
+    if start_step == 0 and args.eval_every > 0:
+        loop["val_bpb"] = val_bpb()
+        print0(f"step 0: val bpb {loop['val_bpb']:.4f}")
+        log.write({"step": 0, "val_bpb": loop["val_bpb"]})
+
+    samples = []
+    # a context manager, so the bar is closed before an error line is printed
+    with tqdm(total=N, initial=start_step, disable=not master, dynamic_ncols=True, desc="base_train") as bar:
+        saved_step = last_step
+        for it in range(start_step, N):
+            step = it + 1
+            sync()
+            t0 = time.perf_counter()
+            lrm = apply_schedules(optimizers, it, N, args, plan["weight_decay"])
+            train_loss = accumulate_gradients(train_model, train_loader, grad_accum, autocast, info.is_ddp)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       args.grad_clip if args.grad_clip > 0 else float("inf")).item()
+            if it == 0 and abs(train_loss - math.log(config.vocab_size)) > INITIAL_LOSS_TOLERANCE:
+                raise UserError(f"initial loss {train_loss:.3f} is far from ln(vocab) = {math.log(config.vocab_size):.3f}: "
+                                f"an init or data bug (check the tokenizer and dataset {data_name})")
+            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+                where = (f"last good checkpoint: {step_dir(ckpt_dir, saved_step)} (continue it with --resume)"
+                         if saved_step is not None else "no checkpoint was saved yet")
+                raise UserError(f"training diverged at step {step}: loss {train_loss}, grad norm {grad_norm}; lower the "
+                                f"LRs (--matrix-lr/--embedding-lr/--unembedding-lr) or check the data; {where}")
+            spike = it >= 10 and grad_norm > SPIKE_FACTOR * loop["grad_norm_ema"]
+            skipped = spike and args.skip_spikes
+            if not skipped:
+                for opt in optimizers:
+                    opt.step()
+                loop["grad_norm_ema"] = grad_norm if it == 0 else 0.9 * loop["grad_norm_ema"] + 0.1 * grad_norm
+            model.zero_grad(set_to_none=True)
+            sync()
+            dt = time.perf_counter() - t0
+
+            if it >= 1:  # the first step pays for compilation and warmup
+                loop["train_seconds"] += dt
+                loop["timed_steps"] += 1
+            loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
+            smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
+            tok_per_sec = total_batch / dt
+            mfu = 100 * plan["flops_per_token"] * tok_per_sec / (peak * world) if peak else None
+            record = {"step": step, "loss": train_loss, "lr": lrm * args.matrix_lr * lr_scale, "lrm": lrm, "dt": dt,
+                      "tok_per_sec": tok_per_sec, "mfu": mfu, "grad_norm": grad_norm}
+            if spike:
+                record["spike"] = True
+                record["skipped"] = skipped
+                print0(f"\nstep {step}: grad norm spike {grad_norm:.3g} (running mean {loop['grad_norm_ema']:.3g})"
+                       + ("; update skipped" if skipped else ""))
+
+            last = step == N
+            if last or (args.save_every > 0 and step % args.save_every == 0):
+                save(step)  # before any eval: an eval that dies (OOM on unified memory, #446) loses nothing
+                saved_step = step
+            if not last:
+                if args.eval_every > 0 and step % args.eval_every == 0:
+                    loop["val_bpb"] = record["val_bpb"] = val_bpb()
+                if args.core_metric_every > 0 and step % args.core_metric_every == 0:
+                    record["core"] = core_metric(model, tokenizer, bundle_dir, device, args, autocast)
+                if args.sample_every > 0 and step % args.sample_every == 0 and master:
+                    samples = sample(model, tokenizer, autocast)
+            log.write(record)
+            mean_dt = loop["train_seconds"] / loop["timed_steps"] if loop["timed_steps"] else dt
+            postfix = f"loss {smooth:.4f} | {total_batch / mean_dt:,.0f} tok/s"
+            if mfu is not None:
+                postfix += f" | mfu {mfu:.1f}%"
+            if "val_bpb" in record:
+                postfix += f" | val bpb {record['val_bpb']:.4f}"
+            bar.set_postfix_str(postfix + f" | eta {format_duration(mean_dt * (N - step))}", refresh=False)
+            bar.update(1)
+
+    # final evals on the uncompiled model; the final checkpoint is already on disk
+    final = {"step": N, "final": True}
+    if args.eval_every > 0:
+        loop["val_bpb"] = final["val_bpb"] = val_bpb()
+        print0(f"final val bpb {final['val_bpb']:.4f}")
+    if args.core_metric_every > 0:
+        final["core"] = core_metric(model, tokenizer, bundle_dir, device, args, autocast)
+        print0(f"final CORE {final['core']:.4f}")
+    if args.sample_every > 0 and master:
+        samples = sample(model, tokenizer, autocast)
+    if master:
+        update_meta(ckpt_dir, N, val_bpb=loop["val_bpb"], core=final.get("core"))
+    log.write(final)
+    log.close()
+    write_report(stage, args, model, plan, loop, final, samples, device, peak, world, log.path, ckpt_dir, tag)
+    cleanup_distributed()
+
+
+def accumulate_gradients(train_model, loader, grad_accum, autocast, is_ddp) -> float:
+    """Forward/backward grad_accum micro-batches into .grad (the mean over all of them, over all ranks);
+    returns the mean loss over the whole batch."""
+    loss_sum = None
+    for micro in range(grad_accum):
+        x, y = next(loader)
+        # DDP all-reduces (averages) gradients on the last micro-batch only
+        no_sync = train_model.no_sync() if is_ddp and micro < grad_accum - 1 else contextlib.nullcontext()
+        with no_sync:
+            with autocast:
+                loss = train_model(x, y)
+            (loss / grad_accum).backward()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    if is_ddp:
+        dist.all_reduce(loss_sum)  # gloo has no AVG: sum, then divide
+        loss_sum = loss_sum / dist.get_world_size()
+    return (loss_sum / grad_accum).item()
+
+
+def check_resumable(meta, config, plan, args, world):
+    """A resumed run must continue the same computation; say which flag differs when it cannot."""
+    if meta["model_config"] != asdict(config):
+        raise UserError(f"the checkpoint's model {meta['model_config']} differs from this one {asdict(config)}: "
+                        "resume with the same --depth/--aspect-ratio/--head-dim/--max-seq-len and tokenizer")
+    if meta["world_size"] != world:
+        raise UserError(f"the checkpoint was written by {meta['world_size']} rank(s), this run has {world}: "
+                        f"resume with --nproc_per_node={meta['world_size']}")
+    saved = meta["plan"]
+    for key, flag in (("total_batch_size", "--total-batch-size"), ("num_iterations", "--num-iterations")):
+        if saved[key] != plan[key]:
+            raise UserError(f"the checkpoint was trained with {key} {saved[key]}, this run has {plan[key]}: "
+                            f"resume with the same {flag}")
+    if meta["device_batch_size"] != args.device_batch_size:
+        raise UserError(f"the checkpoint used --device-batch-size {meta['device_batch_size']}: resume with the same")
+
+
+def core_metric(model, tokenizer, bundle_dir, device, args, autocast):
+    from nanopipe.core_eval import evaluate_core  # heavy eval code, only loaded when CORE is on
+    with autocast:
+        result = evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=args.core_metric_max_per_task,
+                               show_progress=False)
+    return result["core"]
+
+
+def sample(model, tokenizer, autocast) -> list[str]:
+    """Greedy 16-token continuations of fixed prompts (rank 0): a quick look at what the model learned."""
+    model.eval()
+    lines = []
+    with autocast:
+        for prompt in SAMPLE_PROMPTS:
+            ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+            out = list(model.generate(ids, max_tokens=16))
+            lines.append(prompt + tokenizer.decode(out))
+    model.train()
+    print("\n" + "\n".join(f"  {line!r}" for line in lines))
+    return lines
+
+
+def dry_run(args, model, optimizers, plan, device, autocast, sync, peak, world):
+    """Time a few micro-batches and one optimizer step on random tokens; print ETA and memory, write nothing."""
+    config = model.config
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, config.vocab_size, (args.device_batch_size, config.sequence_len), generator=gen).to(device)
+    train_model = torch.compile(model, dynamic=False) if args.compile else model
+
+    def micro_step():
+        with autocast:
+            loss = train_model(x, x)
+        loss.backward()
+
+    micro_step()  # warmup (and compilation)
+    sync()
+    t0 = time.perf_counter()
+    timed = 2
+    for _ in range(timed):
+        micro_step()
+    sync()
+    micro = (time.perf_counter() - t0) / timed
+    t0 = time.perf_counter()
+    for opt in optimizers:
+        opt.step()
+    sync()
+    opt_time = time.perf_counter() - t0
+    step_time = plan["grad_accum"] * micro + opt_time
+    tok_per_sec = plan["total_batch_size"] / step_time
+    n_params = model.num_params()
+    static_mb = n_params * 4 * 4 / 2**20  # fp32 weights + grads + ~2 optimizer moments
+    print0(f"measured: {micro:.3f} s per micro-batch, {opt_time:.3f} s per optimizer step -> {step_time:.2f} s/step, "
+           f"{tok_per_sec:,.0f} tok/s" + (f", MFU {100 * plan['flops_per_token'] * tok_per_sec / (peak * world):.1f}%"
+                                          if peak else ""))
+    print0(f"memory: ~{static_mb:,.0f} MB weights+grads+optimizer state; peak {peak_memory_mb(device):,.0f} MB measured")
+    print0(f"ETA: {format_duration(step_time * plan['num_iterations'])} for {plan['num_iterations']:,} steps "
+           f"(plus evals); dry run: nothing written")
+
+
+def write_report(stage, args, model, plan, loop, final, samples, device, peak, world, log_path, ckpt_dir, tag):
+    records = read_log(log_path) if log_path.exists() else []
+    train_pts = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+    val_pts = [(r["step"], r["val_bpb"]) for r in records if r.get("val_bpb") is not None]
+    tok_per_sec = (plan["total_batch_size"] * loop["timed_steps"] / loop["train_seconds"]
+                   if loop["train_seconds"] else None)
+    mfu = 100 * plan["flops_per_token"] * tok_per_sec / (peak * world) if peak and tok_per_sec else None
+    data = {
+        "val_bpb": final.get("val_bpb"),
+        "core": final.get("core"),
+        "tok_per_sec": tok_per_sec,
+        "mfu": mfu,
+        "params": model.num_params(),
+        "scaling_params": plan["scaling_params"],
+        "tokens": plan["tokens"],
+        "flops_per_token": plan["flops_per_token"],
+        "total_flops": plan["total_flops"],
+        "num_steps": plan["num_iterations"],
+        "total_batch_size": plan["total_batch_size"],
+        "final_train_loss": train_pts[-1][1] if train_pts else None,
+        "min_val_bpb": min((v for _, v in val_pts), default=None),
+        "train_seconds": loop["train_seconds"],
+        "peak_memory_mb": peak_memory_mb(device),
+        "world_size": world,
+        "checkpoint": str(ckpt_dir),
+    }
+    c = model.config
+    lines = [
+        f"Model `{tag}`: depth {c.n_layer}, width {c.n_embd}, {c.n_head} heads, seq {c.sequence_len}, "
+        f"vocab {c.vocab_size:,}; {data['params']:,} parameters ({data['scaling_params']:,} scaling).",
+        f"Trained {data['num_steps']:,} steps x {data['total_batch_size']:,} tokens = {data['tokens']:,} tokens "
+        f"({data['total_flops']:.3e} FLOPs) on {world} x {device}.",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    for key in ("val_bpb", "min_val_bpb", "core", "final_train_loss", "tok_per_sec", "mfu", "peak_memory_mb"):
+        value = data[key]
+        lines.append(f"| {key} | {'—' if value is None else f'{value:,.4f}' if isinstance(value, float) else value} |")
+    lines.append(f"| train time | {format_duration(data['train_seconds'])} |")
+    if samples:
+        lines += ["", "Samples (greedy):", ""] + [f"    {s!r}" for s in samples]
+    series = {
+        "train_loss": {"x": [s for s, _ in train_pts], "y": [v for _, v in train_pts], "xlabel": "step",
+                       "ylabel": "train loss"},
+        "val_bpb": {"x": [s for s, _ in val_pts], "y": [v for _, v in val_pts], "xlabel": "step", "ylabel": "val bpb"},
+    }
+    stage.report("\n".join(lines), data, series)
+
+
+if __name__ == "__main__":
+    main()

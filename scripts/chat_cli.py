@@ -1,0 +1,146 @@
+"""Chat with a trained model in the terminal.
+
+    python -m scripts.chat_cli                    # the SFT model, interactive
+    python -m scripts.chat_cli -p "What is 12*7?" # answer once and exit (scriptable)
+    python -m scripts.chat_cli -i base -t 0.8 -k 50
+
+Commands: /clear starts a new conversation, /quit (or Ctrl-D) exits. Ctrl-C stops the answer being
+written, not the program. Tool calls are shown as ⟦calc: expression → result⟧. When the conversation no
+longer fits the model's context, the oldest turns are dropped.
+"""
+
+import argparse
+import sys
+
+from nanopipe.checkpoint import load_model
+from nanopipe.common import autocast, autodetect_device, autodetect_dtype
+from nanopipe.engine import Engine
+from nanopipe.stage import Stage
+
+TOOL_MARKS = {"<|python_start|>": "⟦calc: ", "<|python_end|>": "", "<|output_start|>": " → ", "<|output_end|>": "⟧"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m scripts.chat_cli", description=__doc__.split("\n")[0])
+    p.add_argument("-i", "--source", choices=["sft", "base"], default="sft")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    p.add_argument("-t", "--temperature", type=float, default=0.6)
+    p.add_argument("-k", "--top-k", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--model-tag", default=None)
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def fit_to_context(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], list[int]]:
+    """Drop the oldest user/assistant pairs until the prompt leaves `budget` tokens free; returns both."""
+    while True:
+        prompt = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
+        if len(prompt) <= budget or len(messages) <= 1:
+            return messages, prompt[-budget:]
+        messages = messages[2:]
+
+
+class ChatSession:
+    def __init__(self, model, tokenizer, temperature: float, top_k: int, max_new_tokens: int, seed: int):
+        self.engine = Engine(model, tokenizer)
+        self.tokenizer = tokenizer
+        self.context = model.config.sequence_len
+        self.sampling = dict(temperature=temperature, top_k=top_k)
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self.marks = {tokenizer.encode_special(name): text for name, text in TOOL_MARKS.items()}
+        self.messages: list[dict] = []
+
+    def clear(self):
+        self.messages = []
+
+    def answer(self, text: str, write=sys.stdout.write):
+        """Stream the reply to `text` through `write`; the reply (tool calls as parts) joins the history."""
+        self.messages.append({"role": "user", "content": text})
+        self.messages, prompt = fit_to_context(self.tokenizer, self.messages,
+                                               max(1, self.context - min(self.max_new_tokens, self.context // 2)))
+        max_tokens = max(1, self.context - len(prompt))
+        reply_tokens, chunk = [], []
+        self.seed += 1
+        try:
+            for step in self.engine.generate(prompt, max_tokens=min(max_tokens, self.max_new_tokens),
+                                             seed=self.seed, **self.sampling):
+                token, _ = step[0]
+                if token is None or token in self.engine.stop_tokens:
+                    break
+                reply_tokens.append(token)
+                if token in self.marks:
+                    chunk = []
+                    write(self.marks[token])
+                else:
+                    # decode the pending run of ordinary tokens and print only what is new (multi-byte chars)
+                    before = self.tokenizer.decode(chunk)
+                    chunk.append(token)
+                    after = self.tokenizer.decode(chunk)
+                    if not after.endswith("\ufffd"):
+                        write(after[len(before):] if after.startswith(before) else after)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            write("  [stopped]")
+        write("\n")
+        self.messages.append({"role": "assistant", "content": self._parts(reply_tokens)})
+
+    def _parts(self, tokens: list[int]):
+        """The reply as conversation content: text, plus python / python_output parts for tool use."""
+        t = self.tokenizer
+        kinds = {t.encode_special("<|python_start|>"): "python", t.encode_special("<|output_start|>"): "python_output"}
+        ends = {t.encode_special("<|python_end|>"), t.encode_special("<|output_end|>")}
+        parts, kind, chunk = [], "text", []
+        for token in tokens + [None]:
+            if token is None or token in kinds or token in ends:
+                if chunk:
+                    parts.append({"type": kind, "text": t.decode(chunk)})
+                chunk = []
+                kind = kinds.get(token, "text")
+            else:
+                chunk.append(token)
+        if all(p["type"] == "text" for p in parts):
+            return "".join(p["text"] for p in parts)
+        return parts
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with Stage("chat_cli", args, report=False):
+        device = autodetect_device(args.device)
+        dtype = autodetect_dtype(device)
+        model, tokenizer, meta = load_model(args.source, args.model_tag, args.step, device)
+        model.eval()
+        session = ChatSession(model, tokenizer, args.temperature, args.top_k, args.max_new_tokens, args.seed)
+        with autocast(device, dtype):
+            if args.prompt is not None:
+                session.answer(args.prompt)
+                return
+            try:
+                import readline  # noqa: F401  (line editing and history for input())
+            except ImportError:
+                pass
+            print(f"nanopipe chat ({args.source} model {meta.get('model_tag', '')}, step {meta.get('step')}). "
+                  "/clear: new conversation, /quit: exit, Ctrl-C: stop an answer.")
+            while True:
+                try:
+                    text = input("\nyou> ").strip()
+                except (EOFError, KeyboardInterrupt):
+                    print()
+                    return
+                if text in ("/quit", "/exit"):
+                    return
+                if text == "/clear":
+                    session.clear()
+                    print("(new conversation)")
+                    continue
+                if text:
+                    sys.stdout.write("bot> ")
+                    session.answer(text)
+
+
+if __name__ == "__main__":
+    main()

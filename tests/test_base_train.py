@@ -1,0 +1,228 @@
+"""base_train end to end on a tiny real dataset and tokenizer: exact resume after SIGKILL, DDP equivalence,
+the divergence guard, the derived plan, and loading the result for later stages."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+
+import pytest
+import torch
+
+from nanopipe import dataset
+from nanopipe.checkpoint import checkpoint_root, list_steps, load_model
+from nanopipe.common import UserError, get_base_dir
+from nanopipe.gpt import config_from_depth
+from tests.conftest import subprocess_env
+
+tokenizer_module = pytest.importorskip("nanopipe.tokenizer")
+from scripts.base_train import lr_multiplier, make_plan, muon_momentum  # noqa: E402  (needs the tokenizer module)
+
+WORDS = ("the a river stone cloud seven green quick brown fox jumps over lazy dog city paris france capital "
+         "of is and blue sky red sun moon night day water fire").split()
+SEQ = 32
+
+
+def make_doc(rng):
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 40))) + "."
+
+
+def train_tokenizer(docs):
+    tokenizer = tokenizer_module.Tokenizer.train(iter(docs), vocab_size=300)
+    tokenizer.save(get_base_dir() / "tokenizer")
+    return tokenizer
+
+
+@pytest.fixture
+def toy_data(isolated_dirs):
+    """data/toy (2 train shards + val) and a 300-token tokenizer under the test's base dir."""
+    rng = random.Random(0)
+    docs = [make_doc(rng) for _ in range(1200)]
+    with dataset.ShardWriter(dataset.dataset_dir("toy"), docs_per_shard=500, row_group_size=100) as writer:
+        for text in docs:
+            writer.write(text)
+    train_tokenizer(docs[:500])
+    return isolated_dirs
+
+
+TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", str(SEQ),
+        "--device-batch-size", "2", "--core-metric-every", "-1", "--sample-every", "-1", "--device", "cpu"]
+
+
+def run_train(*flags, check=True, nproc=1, timeout=120):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "scripts.base_train", *TINY, *flags]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "scripts.base_train", *TINY, *flags]
+    result = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_log(tag):
+    path = get_base_dir() / "logs" / f"{tag}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def final_weights(tag):
+    ckpt_dir = checkpoint_root("base") / tag
+    last = list_steps(ckpt_dir)[-1]
+    return last, torch.load(ckpt_dir / f"step_{last:06d}" / "model.pt", weights_only=True)
+
+
+def test_resume_after_sigkill_is_bitwise_exact(toy_data):
+    flags = ["--data", "toy", "--num-iterations", "30", "--total-batch-size", "128", "--eval-every", "10",
+             "--eval-tokens", "128", "--save-every", "1", "--keep-last", "2"]
+    run_train(*flags, "--model-tag", "d2")
+
+    # the same run, killed hard at a random step, then resumed
+    cmd = [sys.executable, "-m", "scripts.base_train", *TINY, *flags, "--model-tag", "killed"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_at = random.Random().randint(2, 12)
+    log_path = get_base_dir() / "logs" / "killed.jsonl"
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        if log_path.exists() and any(json.loads(l).get("step", 0) >= kill_at
+                                     for l in log_path.read_text().splitlines() if l.endswith("}")):
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = max(list_steps(checkpoint_root("base") / "killed"))
+    assert killed_at < 30
+    run_train(*flags, "--model-tag", "killed", "--resume")
+
+    step_a, weights_a = final_weights("d2")
+    step_b, weights_b = final_weights("killed")
+    assert step_a == step_b == 30
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
+
+    # the log of the resumed run has each step once, with the same losses as the uninterrupted one
+    log_a, log_b = read_log("d2"), read_log("killed")
+    train_a = {r["step"]: r["loss"] for r in log_a if "loss" in r}
+    train_b = [(r["step"], r["loss"]) for r in log_b if "loss" in r]
+    assert [s for s, _ in train_b] == list(range(1, 31))
+    assert all(train_a[s] == loss for s, loss in train_b)
+    for record in log_a:
+        if "loss" in record:
+            assert {"step", "loss", "lr", "dt", "tok_per_sec", "mfu", "grad_norm"} <= record.keys()
+            assert record["mfu"] is None  # CPU: no peak FLOPs, so no MFU
+    assert [r["step"] for r in log_a if "val_bpb" in r] == [0, 10, 20, 30]  # 30: the final eval, after the save
+    assert len(list_steps(checkpoint_root("base") / "d2")) == 2  # --keep-last 2
+
+    # the report section and loading the model for the next stages
+    section = json.loads(next((toy_data.parent / "report" / "sections").glob("*base_train.json")).read_text())
+    data = section["data"]
+    assert data["num_steps"] == 30 and data["tokens"] == 30 * 128 and 0 < data["val_bpb"] < 10
+    assert data["mfu"] is None and data["tok_per_sec"] > 0 and data["peak_memory_mb"] > 0
+    assert section["series"]["train_loss"]["y"][0] == pytest.approx(math.log(300), abs=0.3)
+    model, tokenizer, meta = load_model("base", device="cpu")  # default tag: the largest d<N>
+    assert meta["step"] == 30 and meta["val_bpb"] == data["val_bpb"]
+    assert torch.equal(model.lm_head.weight, weights_a["lm_head.weight"])
+    assert tokenizer.vocab_size == model.config.vocab_size == 300
+
+
+def uniform_length_docs(tokenizer, count, length, seed=0):
+    """Documents of exactly `length` tokens after <|bos|>: each fills one row whole, so the packer is FIFO."""
+    rng = random.Random(seed)
+    docs = []
+    while len(docs) < count:
+        text = make_doc(rng)
+        if len(tokenizer.encode(text)) == length:
+            docs.append(text)
+    return docs
+
+
+def test_ddp_two_ranks_match_one_rank_with_grad_accumulation(isolated_dirs):
+    rng = random.Random(1)
+    tokenizer = train_tokenizer([make_doc(rng) for _ in range(500)])
+    # 2 ranks x 2 micro-batches x 2 rows = one row group of 4 docs per rank per step; 1 rank x 4 micro-batches
+    # reads the same two row groups in the same step (row groups alternate between ranks)
+    docs = uniform_length_docs(tokenizer, 96, SEQ)
+    with dataset.ShardWriter(dataset.dataset_dir("uniform"), docs_per_shard=40, row_group_size=4) as writer:
+        for text in docs:
+            writer.write(text)
+    # LRs well above the defaults (which the tiny batch scales down by sqrt(256 / 2^19)) so 6 steps visibly learn
+    flags = ["--data", "uniform", "--num-iterations", "6", "--total-batch-size", str(4 * 2 * SEQ),
+             "--eval-every", "-1", "--matrix-lr", "0.5", "--embedding-lr", "5", "--unembedding-lr", "0.2"]
+    run_train(*flags, "--model-tag", "single")
+    run_train(*flags, "--model-tag", "ddp", nproc=2)
+    single = [r for r in read_log("single") if "loss" in r]
+    ddp = [r for r in read_log("ddp") if "loss" in r]
+    assert len(single) == len(ddp) == 6
+    assert single[0]["loss"] == pytest.approx(math.log(300), abs=0.3)
+    for a, b in zip(single, ddp):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5, (a, b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    assert single[-1]["loss"] < single[0]["loss"] - 0.5  # it trained
+    _, weights_single = final_weights("single")
+    _, weights_ddp = final_weights("ddp")
+    for key in weights_single:
+        torch.testing.assert_close(weights_ddp[key], weights_single[key], atol=1e-4, rtol=1e-4)
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(toy_data):
+    result = run_train("--data", "toy", "--num-iterations", "10", "--total-batch-size", "64", "--eval-every", "-1",
+                       "--save-every", "1", "--matrix-lr", "1e30", "--model-tag", "boom", check=False)
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")][-1]
+    assert error.startswith("error: training diverged at step 2"), error
+    assert "step_000001" in error and "--resume" in error
+    assert list_steps(checkpoint_root("base") / "boom") == [1]
+
+
+def test_resume_refuses_a_different_batch_and_fresh_start_refuses_to_overwrite(toy_data):
+    flags = ["--data", "toy", "--num-iterations", "2", "--eval-every", "-1"]
+    run_train(*flags, "--total-batch-size", "64")
+    result = run_train(*flags, "--total-batch-size", "64", check=False)
+    assert result.returncode == 2 and "--resume" in result.stderr
+    result = run_train(*flags, "--total-batch-size", "128", "--resume", check=False)
+    assert result.returncode == 2 and "--total-batch-size" in result.stderr
+
+
+def test_plan_matches_reference_worked_values():
+    args = Namespace(target_param_data_ratio=10.5, total_batch_size=-1, device_batch_size=32, num_iterations=-1,
+                     target_flops=-1, weight_decay=0.2)
+    d12 = make_plan(args, config_from_depth(12, 32768, 2048), world_size=1)
+    assert (d12["total_batch_size"], d12["num_iterations"], d12["grad_accum"]) == (524288, 2205, 8)
+    assert d12["lr_scale"] == 1.0 and d12["weight_decay"] == pytest.approx(0.2)
+    d20 = make_plan(args, config_from_depth(20, 32768, 2048), world_size=1)
+    assert (d20["total_batch_size"], d20["num_iterations"]) == (1048576, 4357)
+    assert d20["lr_scale"] == pytest.approx(math.sqrt(2)) and d20["weight_decay"] == pytest.approx(0.0716, abs=1e-4)
+    d26 = make_plan(args, config_from_depth(26, 32768, 2048), world_size=1)
+    assert (d26["total_batch_size"], d26["num_iterations"]) == (1048576, 9196)
+
+
+def test_plan_rejects_a_batch_that_does_not_divide_and_names_the_sizes_that_do():
+    args = Namespace(target_param_data_ratio=10.5, total_batch_size=524288, device_batch_size=6, num_iterations=-1,
+                     target_flops=-1, weight_decay=0.2)
+    with pytest.raises(UserError) as e:
+        make_plan(args, config_from_depth(12, 32768, 512), world_size=1)
+    message = str(e.value)
+    assert "--device-batch-size" in message and "3,072" in message and "[1, 2, 4, 8, 16, 32" in message
+    assert "\n" not in message
+
+
+def test_schedules():
+    lrm = [lr_multiplier(it, 100, 0.1, 0.5, 0.0) for it in range(100)]
+    assert lrm[0] == pytest.approx(0.1) and lrm[9] == 1.0 and lrm[50] == 1.0
+    assert lrm[51] == pytest.approx(49 / 50) and lrm[99] == pytest.approx(1 / 50)
+    assert lr_multiplier(99, 100, 0.0, 0.5, 0.1) == pytest.approx(0.02 + 0.98 * 0.1)
+    assert muon_momentum(0) == 0.85 and muon_momentum(150) == pytest.approx(0.9) and muon_momentum(1000) == 0.95
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(toy_data):
+    result = run_train("--data", "toy", "--num-iterations", "5", "--total-batch-size", "64", "--dry-run")
+    out = result.stdout
+    assert "parameters:" in out and "5 steps x 64 tokens" in out and "ETA:" in out and "tok/s" in out
+    assert not (get_base_dir() / "checkpoints").exists()
+    assert not os.path.exists(toy_data.parent / "report" / "sections")

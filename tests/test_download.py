@@ -1,0 +1,291 @@
+"""The downloader against a real loopback HTTP server that misbehaves on purpose.
+
+The server speaks the Hugging Face URL layout and injects one fault per request from a per-path queue:
+500s, 429 with Retry-After, connection resets mid-body, truncated bodies (Content-Length larger than what
+is sent), corrupt bytes, servers that ignore Range; anything it does not have is a 404.
+"""
+
+import hashlib
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from nanopipe import dataset
+from nanopipe.common import UserError
+from nanopipe.download import DownloadError, DownloadJob, download_file, download_many
+
+FAST = dict(backoff=0.0, timeout=5.0)  # no sleeping between retries in tests
+
+
+class FaultServer:
+    def __init__(self):
+        self.files = {}    # url path -> bytes
+        self.faults = {}   # url path -> list of faults, one consumed per request
+        self.log = []      # (path, Range header or None, fault, monotonic time)
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def handle(self):
+                try:
+                    super().handle()
+                except (OSError, ValueError):  # the socket we reset on purpose
+                    pass
+
+            def do_GET(self):
+                path = self.path.split("?")[0]
+                with server.lock:
+                    queue = server.faults.get(path) or []
+                    fault = queue.pop(0) if queue else None
+                    server.log.append((path, self.headers.get("Range"), fault, time.monotonic()))
+                if fault == "500":
+                    return self.reply(500)
+                if fault and fault.startswith("429"):
+                    return self.reply(429, {"Retry-After": fault.partition(":")[2] or "0"})
+                data = server.files.get(path)
+                if data is None:
+                    return self.reply(404)
+                if fault == "corrupt":
+                    data = b"\x00not parquet" * (len(data) // 12) + b"\x00" * (len(data) % 12)
+                start = 0
+                byte_range = self.headers.get("Range")
+                if byte_range and fault != "ignore_range":
+                    start = int(byte_range.removeprefix("bytes=").rstrip("-"))
+                    if start >= len(data):
+                        return self.reply(416, {"Content-Range": f"bytes */{len(data)}"})
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                else:
+                    self.send_response(200)
+                body = data[start:]
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if fault in ("reset", "truncate"):
+                    self.wfile.write(body[: len(body) // 2])
+                    if fault == "reset":  # abortive close: the client sees ECONNRESET mid-body
+                        time.sleep(0.2)  # let the first half reach the client before the RST discards it
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.rfile.close()
+                        self.wfile.close()
+                        self.connection.close()
+                    return
+                self.wfile.write(body)
+
+            def reply(self, status, headers=None):
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self):
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def url(self, path):
+        return self.endpoint + path
+
+    def requests_for(self, path):
+        return [entry for entry in self.log if entry[0] == path]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = FaultServer()
+    yield s
+    s.close()
+
+
+def parquet_bytes(texts, row_group_size=50):
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": texts}), buf, row_group_size=row_group_size)
+    return buf.getvalue()
+
+
+SHARD = parquet_bytes([f"document {i} " + "lorem ipsum " * (i % 40) for i in range(400)])
+
+
+def test_retries_5xx_and_honours_retry_after(server, tmp_path):
+    server.files["/f.parquet"] = SHARD
+    server.faults["/f.parquet"] = ["500", "429:1", "500"]
+    dest = tmp_path / "f.parquet"
+    download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST)
+    assert dest.read_bytes() == SHARD
+    log = server.requests_for("/f.parquet")
+    assert [fault for _, _, fault, _ in log] == ["500", "429:1", "500", None]
+    assert log[2][3] - log[1][3] >= 0.9  # waited the server's Retry-After, though our backoff is 0
+    assert not (tmp_path / "f.parquet.partial").exists()
+
+
+def test_resumes_after_reset_and_truncation(server, tmp_path):
+    server.files["/f.parquet"] = SHARD
+    server.faults["/f.parquet"] = ["reset", "truncate"]
+    dest = tmp_path / "f.parquet"
+    received = download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST)
+    assert dest.read_bytes() == SHARD
+    ranges = [r for _, r, _, _ in server.requests_for("/f.parquet")]
+    assert ranges[0] is None and all(r and int(r[6:-1]) > 0 for r in ranges[1:])  # later tries resumed
+    assert received == len(SHARD)  # nothing was fetched twice
+    assert int(ranges[2][6:-1]) > int(ranges[1][6:-1])
+
+
+def test_restarts_when_server_ignores_range(server, tmp_path):
+    server.files["/f.parquet"] = SHARD
+    server.faults["/f.parquet"] = ["truncate", "ignore_range"]
+    dest = tmp_path / "f.parquet"
+    download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST)
+    assert dest.read_bytes() == SHARD
+    assert server.requests_for("/f.parquet")[1][1] is not None  # a Range was asked, a 200 came back
+
+
+def test_corrupt_download_is_refetched_then_given_up(server, tmp_path):
+    server.files["/f.parquet"] = SHARD
+    server.faults["/f.parquet"] = ["corrupt"]
+    dest = tmp_path / "f.parquet"
+    download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST)
+    assert dest.read_bytes() == SHARD
+    assert len(server.requests_for("/f.parquet")) == 2
+
+    server.faults["/g.parquet"] = ["corrupt"] * 10
+    server.files["/g.parquet"] = SHARD
+    with pytest.raises(DownloadError, match="verification failed") as e:
+        download_file(server.url("/g.parquet"), tmp_path / "g.parquet", verify=dataset.verify_parquet,
+                      max_corrupt=2, **FAST)
+    assert e.value.url == server.url("/g.parquet")
+    assert len(server.requests_for("/g.parquet")) == 3
+    assert list(tmp_path.glob("g.parquet*")) == []  # neither the bad file nor its partial is kept
+
+
+def test_404_is_not_retried_and_retries_are_bounded(server, tmp_path):
+    with pytest.raises(DownloadError, match="404") as e:
+        download_file(server.url("/missing.parquet"), tmp_path / "m.parquet", **FAST)
+    assert server.url("/missing.parquet") in str(e.value)
+    assert len(server.requests_for("/missing.parquet")) == 1
+
+    server.files["/busy"] = b"x"
+    server.faults["/busy"] = ["500"] * 10
+    with pytest.raises(DownloadError, match="gave up after 4 attempts, last: HTTP 500"):
+        download_file(server.url("/busy"), tmp_path / "busy", retries=3, **FAST)
+    assert len(server.requests_for("/busy")) == 4
+
+
+def test_existing_file_is_kept_only_if_it_verifies(server, tmp_path):
+    server.files["/f.parquet"] = SHARD
+    dest = tmp_path / "f.parquet"
+    dest.write_bytes(SHARD)
+    assert download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST) == 0
+    assert server.log == []
+    dest.write_bytes(SHARD[:100])  # e.g. copied in by hand, cut short
+    download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST)
+    assert dest.read_bytes() == SHARD
+
+
+def test_download_many_reports_failures_with_url(server, tmp_path):
+    for i in range(6):
+        server.files[f"/f{i}"] = bytes([i]) * (1000 + i)
+    server.faults["/f1"] = ["reset"]
+    server.faults["/f2"] = ["500", "500"]
+    jobs = [DownloadJob(server.url(f"/f{i}"), tmp_path / f"f{i}") for i in range(7)]
+    summary = download_many(jobs, workers=3, show_progress=False, **FAST)
+    assert len(summary.ok) == 6 and [r.job.url for r in summary.failed] == [server.url("/f6")]
+    assert all((tmp_path / f"f{i}").read_bytes() == server.files[f"/f{i}"] for i in range(6))
+    text = summary.format()
+    assert "6 ok" in text and f"FAILED {server.url('/f6')}: HTTP 404" in text
+
+
+@pytest.fixture
+def base(tmp_path, monkeypatch, server):
+    monkeypatch.setenv("NANOPIPE_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+    return tmp_path / "base"
+
+
+def test_download_pretrain_hf_layout(server, base):
+    prefix = "/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+    shards = {i: parquet_bytes([f"shard {i} doc {j}" for j in range(120 + i)]) for i in (0, 1, 2, 1822)}
+    for i, data in shards.items():
+        server.files[f"{prefix}/shard_{i:05d}.parquet"] = data
+    server.faults[f"{prefix}/shard_00000.parquet"] = ["500", "reset"]
+    server.faults[f"{prefix}/shard_00001.parquet"] = ["429:0", "truncate", "corrupt"]
+    server.faults[f"{prefix}/shard_01822.parquet"] = ["reset", "ignore_range"]
+
+    # 5 shards = 4 train + val; the source has no shard 3, so that one fails with its reason
+    summary = dataset.download_pretrain("fineweb-edu", 5, workers=3, show_progress=False, **FAST)
+    assert [r.job.url for r in summary.failed] == [server.url(f"{prefix}/shard_00003.parquet")]
+    assert "HTTP 404" in summary.failed[0].reason
+    out = base / "data" / "fineweb-edu"
+    for i, data in shards.items():
+        assert (out / f"shard_{i:05d}.parquet").read_bytes() == data
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"shard_{i:05d}.parquet" for i in (0, 1, 2, 1822)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_shards"] == 4 and manifest["num_docs"] == sum(120 + i for i in shards)
+    assert [s["split"] for s in manifest["shards"]] == ["train"] * 3 + ["val"]
+    assert all(s["sha256"] == hashlib.sha256(shards[int(s["file"][6:11])]).hexdigest() for s in manifest["shards"])
+    train, val = dataset.list_shards("fineweb-edu")
+    assert val.name == "shard_01822.parquet" and len(train) == 3
+
+    # a rerun over the shards that exist downloads nothing
+    n = len(server.log)
+    assert dataset.main(["download", "fineweb-edu", "--num-shards", "4"]) == 0
+    assert len(server.log) == n
+
+
+def test_chat_data_and_eval_bundle(server, base, monkeypatch):
+    for name, (repo, files) in dataset.CHAT_PARQUETS.items():
+        for f in files:
+            server.files[f"/datasets/{repo}/resolve/main/{f}"] = parquet_bytes([f"{name} {f}"])
+    server.files["/identity.jsonl"] = b'{"messages": [{"role": "user", "content": "hi"}]}\n'
+    server.files["/words.txt"] = b"aardvark\nbee\n"
+    monkeypatch.setenv("NANOPIPE_IDENTITY_URL", server.url("/identity.jsonl"))
+    monkeypatch.setenv("NANOPIPE_WORDS_URL", server.url("/words.txt"))
+    server.faults["/datasets/openai/gsm8k/resolve/main/main/test-00000-of-00001.parquet"] = ["corrupt", "500"]
+
+    assert dataset.main(["chat-data", "--only", "gsm8k,identity,words"]) == 0
+    test_file = dataset.chat_data_file("gsm8k", "main/test-00000-of-00001.parquet")
+    assert pq.read_table(test_file).column(0).to_pylist() == ["gsm8k main/test-00000-of-00001.parquet"]
+    assert dataset.chat_data_file("words", "words_alpha.txt").read_text() == "aardvark\nbee\n"
+    with pytest.raises(UserError, match="chat-data --only mmlu"):
+        dataset.chat_data_file("mmlu", "all/test-00000-of-00001.parquet")
+    summary = dataset.download_chat_data(None, show_progress=False, **FAST)
+    assert len(summary.ok) == sum(len(f) for _, f in dataset.CHAT_PARQUETS.values()) + 2 and not summary.failed
+
+    with pytest.raises(UserError, match="nanopipe.dataset eval-bundle"):
+        dataset.get_eval_bundle_dir("fineweb-edu")
+    zbuf = io.BytesIO()
+    with zipfile.ZipFile(zbuf, "w") as z:
+        z.writestr("eval_bundle/core.yaml", "icl_tasks: []\n")
+        z.writestr("eval_bundle/eval_meta_data.csv", "Eval Task,Random baseline\n")
+        z.writestr("eval_bundle/eval_data/world/x.jsonl", "{}\n")
+    server.files["/eval_bundle.zip"] = zbuf.getvalue()
+    server.faults["/eval_bundle.zip"] = ["corrupt"]
+    monkeypatch.setenv("NANOPIPE_EVAL_BUNDLE_URL", server.url("/eval_bundle.zip"))
+    assert dataset.main(["eval-bundle"]) == 0
+    bundle = dataset.get_eval_bundle_dir("fineweb-edu")
+    assert bundle == base / "eval_bundle" and (bundle / "eval_data/world/x.jsonl").read_text() == "{}\n"
+    assert sorted(p.name for p in base.iterdir()) == ["chat_data", "eval_bundle"]  # no zip or temp dir left
+    n = len(server.log)
+    assert dataset.main(["eval-bundle"]) == 0 and len(server.log) == n
+    monkeypatch.setenv("NANOPIPE_EVAL_BUNDLE", str(base / "elsewhere"))
+    with pytest.raises(UserError, match="NANOPIPE_EVAL_BUNDLE"):
+        dataset.get_eval_bundle_dir("fineweb-edu")

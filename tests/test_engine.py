@@ -1,0 +1,166 @@
+"""The engine on tiny real models: a random one (cache vs no cache, sampling) and a "successor" model whose
+next token is a fixed function of the current one, wired to walk through a calculator call."""
+
+import pytest
+import torch
+
+from nanopipe.engine import Engine
+from nanopipe.gpt import GPTConfig, build_model
+from nanopipe.synthetic import generate_documents
+from nanopipe.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.train(iter(list(generate_documents(0, 200))), vocab_size=400)
+
+
+def random_model(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    model = build_model(config, "cpu")
+    with torch.no_grad():
+        for p in model.parameters():   # zero-initialised projections would make attention a no-op
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def successor_model(tokenizer, successor: dict[int, int]):
+    """A 1-layer GPT whose blocks are the identity (zero output projections, as init_weights leaves them), so
+    the logits depend on the current token only; lm_head is set so that argmax(next | t) = successor[t]."""
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    model = build_model(config, "cpu")
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        wte.copy_(torch.nn.functional.normalize(torch.randn_like(wte), dim=-1))
+        model.lm_head.weight.zero_()
+        for t, nxt in successor.items():
+            model.lm_head.weight[nxt] += 2 * wte[t]
+    return model.eval()
+
+
+def naive_greedy(model, tokens, steps):
+    """Greedy decoding recomputing the whole sequence every step (no cache)."""
+    ids = list(tokens)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids]))[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(tokens):]
+
+
+def test_greedy_with_cache_matches_recomputing(tokenizer):
+    model = random_model(tokenizer)
+    prompt = tokenizer.encode("The capital of", prepend=tokenizer.bos_token_id)
+    engine = Engine(model, tokenizer, use_tools=False)
+    streamed = [step[0] for step in engine.generate(prompt, max_tokens=20, temperature=0.0)]
+    tokens = [t for t, _ in streamed]
+    assert all(not forced for _, forced in streamed)
+    stop = next((i for i, t in enumerate(tokens) if t in engine.stop_tokens), None)
+    expected = naive_greedy(model, prompt, len(tokens))
+    assert tokens == expected
+    assert len(tokens) == 20 or stop == len(tokens) - 1
+
+
+def test_samples_share_one_prefill(tokenizer):
+    model = random_model(tokenizer, seed=1)
+    prompt = tokenizer.encode("One two three four", prepend=tokenizer.bos_token_id)
+    widths = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(tuple(args[0].shape)),
+                                           with_kwargs=True)
+    try:
+        engine = Engine(model, tokenizer)
+        sequences, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=0.0)
+    finally:
+        hook.remove()
+    assert widths[0] == (1, len(prompt))                   # one prefill of the prompt ...
+    assert all(w == (3, 1) for w in widths[1:])            # ... then one token per row per step
+    assert sequences[0] == sequences[1] == sequences[2]    # greedy: identical rows
+    assert sequences[0][:len(prompt)] == prompt and masks[0][:len(prompt)] == [0] * len(prompt)
+    generated = sequences[0][len(prompt):]
+    assert generated == naive_greedy(model, prompt, len(generated))
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tokenizer):
+    model = random_model(tokenizer, seed=2)
+    prompt = tokenizer.encode("Hello", prepend=tokenizer.bos_token_id)
+    engine = Engine(model, tokenizer)
+    a, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.5, seed=7)
+    b, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.5, seed=7)
+    c, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.5, seed=8)
+    assert a == b and a != c
+    assert len({tuple(s) for s in a}) > 1                  # rows sample independently
+    greedy, _ = engine.generate_batch(prompt, max_tokens=10, temperature=0.0)
+    top1, _ = engine.generate_batch(prompt, max_tokens=10, temperature=1.0, top_k=1, seed=3)
+    assert top1 == greedy
+
+
+def chain(tokenizer, *parts):
+    """successor mapping that walks through the given token ids in order"""
+    ids = [t for part in parts for t in part]
+    assert len(set(ids[:-1])) == len(ids) - 1, "a token would need two successors"
+    return dict(zip(ids[:-1], ids[1:]))
+
+
+def test_calculator_output_is_forced(tokenizer):
+    special = tokenizer.encode_special
+    ps, pe = special("<|python_start|>"), special("<|python_end|>")
+    os_, oe, end = special("<|output_start|>"), special("<|output_end|>"), special("<|assistant_end|>")
+    start = tokenizer.encode("Sure")[-1]
+    expr = tokenizer.encode("6*7")
+    answer = tokenizer.encode("42")
+    # start -> ps -> 6 * 7 -> pe -> end; and after the forced output: oe -> end
+    successor = chain(tokenizer, [start, ps], expr, [pe, end])
+    successor[oe] = end
+    model = successor_model(tokenizer, successor)
+    prompt = [tokenizer.bos_token_id, start]
+
+    steps = list(Engine(model, tokenizer, use_tools=True).generate(prompt, max_tokens=30, temperature=0.0))
+    tokens, forced = [s[0][0] for s in steps], [s[0][1] for s in steps]
+    assert tokens == [ps, *expr, pe, os_, *answer, oe, end]
+    assert forced == [False] * (len(expr) + 2) + [True] * (len(answer) + 2) + [False]
+
+    # the same model without the tool: nothing is forced, the model's own successor of <|python_end|> follows
+    steps = list(Engine(model, tokenizer, use_tools=False).generate(prompt, max_tokens=30, temperature=0.0))
+    assert [s[0] for s in steps] == [(t, False) for t in [ps, *expr, pe, end]]
+
+    sequences, masks = Engine(model, tokenizer).generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
+    assert sequences == [prompt + [ps, *expr, pe, os_, *answer, oe]] * 2   # stop token left out
+    assert masks[0] == [0, 0] + [1] * (len(expr) + 2) + [0] * (len(answer) + 2)
+
+
+def test_refused_expression_forces_nothing(tokenizer):
+    special = tokenizer.encode_special
+    ps, pe, end = special("<|python_start|>"), special("<|python_end|>"), special("<|assistant_end|>")
+    start = tokenizer.encode("Sure")[-1]
+    expr = tokenizer.encode("x*y")
+    model = successor_model(tokenizer, chain(tokenizer, [start, ps], expr, [pe, end]))
+    steps = list(Engine(model, tokenizer).generate([tokenizer.bos_token_id, start], max_tokens=30, temperature=0.0))
+    assert [s[0] for s in steps] == [(t, False) for t in [ps, *expr, pe, end]]
+
+
+def test_stops_on_bos_and_max_tokens_and_reports_finished_rows(tokenizer):
+    bos = tokenizer.bos_token_id
+    a, b = tokenizer.encode("Sure")[-1], tokenizer.encode("Hello")[-1]
+    model = successor_model(tokenizer, {a: b, b: bos})
+    engine = Engine(model, tokenizer)
+    steps = list(engine.generate([bos, a], max_tokens=30, temperature=0.0))
+    assert [s[0][0] for s in steps] == [b, bos]
+    # a loop a -> b -> a ... never ends by itself: max_tokens does
+    model = successor_model(tokenizer, {a: b, b: a})
+    steps = list(Engine(model, tokenizer).generate([bos, a], num_samples=2, max_tokens=5, temperature=0.0))
+    assert len(steps) == 5 and all(len(s) == 2 for s in steps)
+
+
+def test_finished_rows_yield_none(tokenizer):
+    # uniform logits (lm_head zero): rows sample different tokens, so they end at different steps
+    bos = tokenizer.bos_token_id
+    model = successor_model(tokenizer, {})
+    steps = list(Engine(model, tokenizer).generate([bos], num_samples=8, max_tokens=200, temperature=1.0, seed=0))
+    for row in range(8):
+        column = [s[row][0] for s in steps]
+        if None in column:
+            first_none = column.index(None)
+            assert column[first_none - 1] in (bos, tokenizer.encode_special("<|assistant_end|>"))
+            assert all(t is None for t in column[first_none:])

@@ -1,0 +1,120 @@
+import copy
+
+import pytest
+import torch
+
+from nanopipe.gpt import build_model, config_from_depth
+from nanopipe.optim import Muon, orthogonalize, setup_optimizers
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_model(seed=0, vocab=256, depth=2):
+    torch.manual_seed(seed)
+    return build_model(config_from_depth(depth, vocab, max_seq_len=32, aspect_ratio=32, head_dim=32), "cpu")
+
+
+@pytest.mark.parametrize("shape", [(64, 128), (128, 64), (3, 64, 256)])
+def test_orthogonalize_gives_near_orthogonal_output(shape):
+    torch.manual_seed(0)
+    G = torch.randn(*shape)
+    X = orthogonalize(G)
+    assert X.shape == G.shape
+    s = torch.linalg.svdvals(X)
+    # Polar Express maps all singular values into a band around 1 (not exactly 1: it trades accuracy for speed)
+    assert s.min() > 0.8 and s.max() < 1.2
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    polar = U @ Vh
+    assert ((X - polar).norm() / polar.norm()) < 0.15
+    # invariant to the scale of its input
+    torch.testing.assert_close(orthogonalize(1000 * G), X, atol=1e-4, rtol=1e-4)
+
+
+def test_param_groups_and_lr_scaling():
+    model = tiny_model()  # width 64
+    adamw, muon = setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
+                                   weight_decay=0.1)
+    scale = (64 / 768) ** -0.5
+    lrs = [g["lr"] for g in adamw.param_groups]
+    assert lrs == pytest.approx([0.004 * scale, 0.3 * scale, 0.3 * scale, 0.005, 0.5])
+    assert adamw.param_groups[4]["betas"] == (0.96, 0.95)
+    muon_params = [p for g in muon.param_groups for p in g["params"]]
+    assert all(p.ndim == 2 for p in muon_params)
+    assert len(muon_params) == len(list(model.transformer.h.parameters()))
+    for opt in (adamw, muon):
+        for g in opt.param_groups:
+            assert g["initial_lr"] == g["lr"]
+    assert all(g["weight_decay"] == 0.1 for g in muon.param_groups)
+    total = sum(len(g["params"]) for o in (adamw, muon) for g in o.param_groups)
+    assert total == len(list(model.parameters()))
+
+
+def test_muon_rejects_non_matrices():
+    with pytest.raises(ValueError):
+        Muon([torch.nn.Parameter(torch.zeros(3))])
+
+
+def test_tiny_model_overfits_a_fixed_batch():
+    model = tiny_model()
+    optimizers = setup_optimizers(model)
+    torch.manual_seed(1)
+    batch = torch.randint(0, 256, (4, 33))
+    x, y = batch[:, :-1], batch[:, 1:]
+    losses = []
+    for _ in range(50):
+        loss = model(x, y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] > 5.0
+    assert losses[-1] < 0.5, losses[::10]
+
+
+def train_steps(model, optimizers, batches):
+    for x, y in batches:
+        model(x, y).backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+
+
+def test_optimizer_state_dict_resume_is_exact():
+    torch.manual_seed(2)
+    batches = [(b[:, :-1], b[:, 1:]) for b in torch.randint(0, 256, (6, 2, 17))]
+    model = tiny_model()
+    optimizers = setup_optimizers(model, weight_decay=0.1)
+    train_steps(model, optimizers, batches[:3])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
+    train_steps(model, optimizers, batches[3:])
+
+    resumed = tiny_model(seed=99)  # different init: everything must come from the saved state
+    resumed.load_state_dict(saved_model)
+    resumed_opts = setup_optimizers(resumed, weight_decay=0.1)
+    for opt, state in zip(resumed_opts, saved_opts):
+        opt.load_state_dict(state)
+    train_steps(resumed, resumed_opts, batches[3:])
+    for (k, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_muon_momentum_and_weight_decay_are_per_group_settings():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 16))
+    opt = Muon([w], lr=0.1, momentum=0.9, weight_decay=0.0)
+    w.grad = torch.zeros(8, 16)
+    before = w.detach().clone()
+    opt.step()  # zero gradient and no decay: no change
+    torch.testing.assert_close(w.detach(), before)
+    opt.param_groups[0]["weight_decay"] = 1.0
+    w.grad = torch.randn(8, 16)
+    opt.step()
+    assert not torch.equal(w.detach(), before)
