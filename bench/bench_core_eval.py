@@ -3,7 +3,7 @@ CORE evaluation: batched (nanopipe.core_eval) vs one item at a time (the referen
 prompts padded to their longest and run as one forward pass), same model, same tasks, same prompts.
 Prints both times and the ratio, and checks that both give identical accuracies.
 
-    python -m bench.bench_core_eval [--bundle DIR] [--depth 4] [--max-per-task 12] [--batch-size 32]
+    python -m bench.bench_core_eval [--bundle DIR] [--depth 4] [--max-per-task 12] [--batch-size 32] [--threads N]
 
 The bundle defaults to ../shared/data/core_sample when present, else the synthetic world's bundle
 (written to a temp dir). The model is a randomly initialised depth-N GPT: the timing does not depend on
@@ -24,7 +24,16 @@ from nanopipe.gpt import build_model, config_from_depth
 from nanopipe.synthetic import _write_core_bundle, build_world, generate_documents
 from nanopipe.tokenizer import Tokenizer
 
-SAMPLE_BUNDLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "core_sample"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def training_texts():
+    """Real text for the tokenizer when ../shared/data/corpus is present (first row group), else synthetic."""
+    shards = sorted((SHARED_DATA / "corpus").glob("*.parquet"))
+    if shards:
+        import pyarrow.parquet as pq
+        return pq.ParquetFile(shards[0]).read_row_group(0, columns=["text"]).column("text").to_pylist()
+    return list(generate_documents(0, 3000))
 
 
 @torch.no_grad()
@@ -60,15 +69,18 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--max-seq-len", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
 
     workdir = tempfile.mkdtemp(prefix="bench_core_")
-    bundle = Path(args.bundle) if args.bundle else SAMPLE_BUNDLE
+    bundle = Path(args.bundle) if args.bundle else SHARED_DATA / "core_sample"
     if not (bundle / "core.yaml").exists():
         bundle = Path(workdir) / "bundle"
         _write_core_bundle(0, build_world(0), bundle)
     print(f"bundle: {bundle}")
-    tokenizer = Tokenizer.train(iter(list(generate_documents(0, 3000))), vocab_size=args.vocab_size)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = Tokenizer.train(iter(training_texts()), vocab_size=args.vocab_size)
     torch.manual_seed(0)
     model = build_model(config_from_depth(args.depth, tokenizer.vocab_size, max_seq_len=args.max_seq_len, head_dim=64), "cpu")
     with torch.no_grad():
@@ -81,9 +93,12 @@ def main():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tasks, _ = load_bundle(bundle)
-        t0 = time.perf_counter()
-        reference = {t.label: reference_accuracy(model, tokenizer, t, args.max_per_task, args.max_seq_len) for t in tasks}
-        t_reference = time.perf_counter() - t0
+        reference, reference_seconds = {}, {}
+        for task in tasks:
+            t0 = time.perf_counter()
+            reference[task.label] = reference_accuracy(model, tokenizer, task, args.max_per_task, args.max_seq_len)
+            reference_seconds[task.label] = time.perf_counter() - t0
+        t_reference = sum(reference_seconds.values())
         t0 = time.perf_counter()
         result = evaluate_core(model, tokenizer, bundle, "cpu", max_per_task=args.max_per_task,
                                batch_size=args.batch_size, max_seq_len=args.max_seq_len, show_progress=False)
@@ -92,7 +107,9 @@ def main():
     batched = {label: r["accuracy"] for label, r in result["tasks"].items()}
     for label in reference:
         flag = "" if reference[label] == batched[label] else "   <-- differs"
-        print(f"{label:<35} one-at-a-time {reference[label]:.4f}  batched {batched[label]:.4f}{flag}")
+        seconds = result["tasks"][label]["seconds"]
+        print(f"{label:<35} accuracy one-at-a-time {reference[label]:.4f} batched {batched[label]:.4f}   "
+              f"time {reference_seconds[label]:6.2f}s -> {seconds:6.2f}s ({reference_seconds[label] / seconds:4.1f}x){flag}")
     print(f"one item at a time: {t_reference:.1f}s   batched (batch {args.batch_size}): {t_batched:.1f}s   "
           f"speedup {t_reference / t_batched:.2f}x")
     assert reference == batched, "batched accuracies differ from one-at-a-time"

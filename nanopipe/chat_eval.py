@@ -103,7 +103,8 @@ def evaluate_generative(model, tokenizer, task, num_samples: int = 1, max_new_to
         used_tool = any(engine.python_start in c for c in completions)
         tool_calls += int(used_tool)
         if transcripts is not None and len(transcripts) < num_transcripts and (used_tool or not transcripts):
-            transcripts.append({"task": task.name, "prompt": tokenizer.decode(prompt[1:]),
+            user_turn = next(m["content"] for m in reversed(item["messages"]) if m["role"] == "user")
+            transcripts.append({"task": task.name, "prompt": user_turn,
                                 "completion": render_completion(tokenizer, completions[0]), "passed": passed})
     correct, total, tool_calls = _sum_across_ranks(correct, len(indices), tool_calls)
     return {"correct": correct, "n": total, "used_tool": tool_calls}

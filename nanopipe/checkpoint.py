@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from nanopipe.common import UserError, atomic_write_text, get_base_dir
 from nanopipe.gpt import GPT, GPTConfig
+from nanopipe.tokenizer import get_tokenizer
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 PRODUCER = {"base": "python -m scripts.base_train", "sft": "python -m scripts.chat_sft"}
@@ -226,7 +227,6 @@ def load_model(kind: str, tag: str | None = None, step: int | None = None, devic
         raise UserError(f"cannot read {path / 'model.pt'} ({type(e).__name__}): delete that step folder and retrain") from e
     model = build_model_from_meta(meta, state_dict, device)
     model.eval()
-    from nanopipe.tokenizer import get_tokenizer  # imported here: the tokenizer module is only needed by callers
     tokenizer = get_tokenizer()
     if tokenizer.vocab_size != model.config.vocab_size:
         raise UserError(f"the tokenizer in {get_base_dir() / 'tokenizer'} has {tokenizer.vocab_size} tokens but the model "

@@ -37,11 +37,13 @@ import yaml
 from tqdm import tqdm
 
 from nanopipe.common import UserError, get_dist_info
+from nanopipe.gpt import KVCache
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-BUCKET = 64               # prompts are padded to a multiple of this many tokens
+BUCKET = 16               # prompts are padded to a multiple of this many tokens
 SHUFFLE_SEED = 1337       # each task's data is shuffled once with this seed, before --max-per-task
 FEWSHOT_SEED = 1234       # item i draws its few-shot examples with random.Random(FEWSHOT_SEED + i)
+SHARED_PREFIX_FRACTION = 0.5  # an item whose prompts share at least this fraction runs the prefix once
 
 
 @dataclass
@@ -237,6 +239,16 @@ def crop_left(tokens: list[int], start: int, end: int, max_len: int | None):
 # -----------------------------------------------------------------------------
 # Batched scoring
 
+def _span_scores(logits, targets, spans):
+    """Per row r: (mean loss, argmax == target everywhere) over positions spans[r] = (a, b) of logits (R, W, V),
+    where targets[r, p] is the token position p should predict (-1: none)."""
+    losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                             reduction="none").view(targets.shape)
+    predictions = logits.argmax(dim=-1)
+    return [(losses[r, a:b].mean().item(), bool((predictions[r, a:b] == targets[r, a:b]).all()))
+            for r, (a, b) in enumerate(spans)]
+
+
 @torch.no_grad()
 def score_sequences(model, sequences, pad_id: int, device, batch_size: int, progress=None):
     """For each (tokens, start, end): (mean loss over tokens[start:end], greedy argmax reproduces them all).
@@ -259,16 +271,66 @@ def score_sequences(model, sequences, pad_id: int, device, batch_size: int, prog
             # position p predicts token p + 1; the last column predicts nothing we score
             targets = torch.roll(ids, -1, dims=1)
             targets[:, -1] = -1
-            losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
-                                     reduction="none").view(ids.shape)
-            predictions = logits.argmax(dim=-1)
-            for r, i in enumerate(rows):
-                _, start, end = sequences[i]
-                span_loss = losses[r, start - 1:end - 1]
-                span_ok = predictions[r, start - 1:end - 1] == targets[r, start - 1:end - 1]
-                results[i] = (span_loss.mean().item(), bool(span_ok.all()))
+            spans = [(sequences[i][1] - 1, sequences[i][2] - 1) for i in rows]
+            for i, score in zip(rows, _span_scores(logits, targets, spans)):
+                results[i] = score
             if progress is not None:
                 progress.update(len(rows))
+    return results
+
+
+def shared_prefix_len(sequences) -> int:
+    """How many leading tokens all of an item's sequences have in common and do not score."""
+    return min(_common_prefix_len([t for t, _, _ in sequences]), min(s for _, s, _ in sequences))
+
+
+@torch.no_grad()
+def score_with_shared_prefix(model, sequences, pad_id: int, device):
+    """score_sequences for the prompts of one item that share a long prefix (a multiple-choice item: few-shot
+    examples + query, then one choice per row): the prefix runs once into a KV cache copied to every row,
+    then only the rows' own tokens run, right-padded to the longest."""
+    q = shared_prefix_len(sequences)
+    config = model.config
+    prefix = torch.tensor([sequences[0][0][:q]], dtype=torch.long, device=device)
+    prefix_cache = KVCache(1, q, config, device=device, dtype=_cache_dtype(device))
+    last_prefix_logits = model(prefix, kv_cache=prefix_cache)[:, -1:].float()      # predicts token q
+    width = max(len(t) - q for t, _, _ in sequences)
+    cache = KVCache(len(sequences), q + width, config, device=device, dtype=_cache_dtype(device))
+    cache.expand_from(prefix_cache)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    targets = torch.full((len(sequences), width + 1), -1, dtype=torch.long)
+    for r, (tokens, _, _) in enumerate(sequences):
+        ids[r, :len(tokens) - q] = torch.tensor(tokens[q:], dtype=torch.long)
+        targets[r, :len(tokens) - q] = ids[r, :len(tokens) - q]
+    suffix_logits = model(ids.to(device), kv_cache=cache).float()
+    # column k of the joined logits sits at sequence position q - 1 + k and predicts token q + k
+    logits = torch.cat([last_prefix_logits.expand(len(sequences), -1, -1), suffix_logits], dim=1)
+    spans = [(s - q, e - q) for _, s, e in sequences]
+    return _span_scores(logits, targets.to(device), spans)
+
+
+def _cache_dtype(device) -> torch.dtype:
+    device = torch.device(device)
+    return torch.bfloat16 if device.type == "cuda" and torch.is_autocast_enabled("cuda") else torch.float32
+
+
+def score_task(model, sequences, plan, pad_id: int, device, batch_size: int, progress=None):
+    """Scores of every sequence: items whose prompts share a prefix of at least half their length take
+    score_with_shared_prefix (it saves (n - 1) prefix passes), all others are batched by score_sequences.
+    Which path an item takes depends on its own tokens only, never on the batch size."""
+    results = [None] * len(sequences)
+    pooled = []
+    for first, count, _ in plan:
+        item = sequences[first:first + count]
+        if count > 1 and shared_prefix_len(item) >= SHARED_PREFIX_FRACTION * max(len(t) for t, _, _ in item):
+            results[first:first + count] = score_with_shared_prefix(model, item, pad_id, device)
+            if progress is not None:
+                progress.update(count)
+        else:
+            pooled.extend(range(first, first + count))
+    scores = score_sequences(model, [sequences[i] for i in pooled], pad_id, device, batch_size, progress)
+    for i, score in zip(pooled, scores):
+        results[i] = score
     return results
 
 
@@ -299,7 +361,7 @@ def evaluate_task(model, tokenizer, task: CoreTask, device, max_per_task: int = 
     sequences, plan = prepare_task(task, tokenizer, items, indices, max_seq_len)
     progress = tqdm(total=len(sequences), desc=task.label, unit="prompt", leave=False,
                     disable=not show_progress or info.rank != 0)
-    scores = score_sequences(model, sequences, tokenizer.bos_token_id, device, batch_size, progress)
+    scores = score_task(model, sequences, plan, tokenizer.bos_token_id, device, batch_size, progress)
     progress.close()
     correct = 0
     for first, count, gold in plan:

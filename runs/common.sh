@@ -3,18 +3,21 @@
 #   step NAME command...   runs the command unless NAME finished in this run already (a marker file in
 #                          $RUN_DIR); a failed or killed step has no marker, so rerunning the script
 #                          retries it (training steps pass --resume and continue from their checkpoint).
+#   DRY_RUN=1              start_run and step read the markers but write nothing: step prints the command
+#                          it would run and runs nothing.
 
 if [ -n "${VIRTUAL_ENV:-}" ]; then PY=python; else PY="$PWD/.venv/bin/python"; fi
 export PYTHONUNBUFFERED=1
 
 start_run() {  # start_run NAME: set RUN_DIR; FRESH=1 (or a first run) resets the markers and the report
     RUN_DIR="$NANOPIPE_BASE_DIR/runs/$1"
+    RUN_START=$(date +%s)
+    if [ "${DRY_RUN:-0}" = "1" ]; then return 0; fi
     if [ "${FRESH:-0}" = "1" ]; then rm -rf "$RUN_DIR"; fi
     if [ ! -d "$RUN_DIR" ]; then
         mkdir -p "$RUN_DIR"
         $PY -m nanopipe.report reset
     fi
-    RUN_START=$(date +%s)
 }
 
 step() {
@@ -24,6 +27,7 @@ step() {
         return 0
     fi
     echo "== $name: $*"
+    if [ "${DRY_RUN:-0}" = "1" ]; then return 0; fi
     "$@"
     touch "$RUN_DIR/$name.done"
 }

@@ -548,6 +548,7 @@ def write_report(stage, args, model, plan, loop, final, samples, device, peak, w
         "core": final.get("core"),
         "tok_per_sec": tok_per_sec,
         "mfu": mfu,
+        "peak_flops": peak,  # the bf16 peak MFU is measured against (NANOPIPE_PEAK_FLOPS overrides)
         "params": model.num_params(),
         "scaling_params": plan["scaling_params"],
         "tokens": plan["tokens"],

@@ -123,7 +123,7 @@ def main(argv=None):
                 import readline  # noqa: F401  (line editing and history for input())
             except ImportError:
                 pass
-            print(f"nanopipe chat ({args.source} model {meta.get('model_tag', '')}, step {meta.get('step')}). "
+            print(f"nanopipe chat ({args.source} model {meta.get('tag', '')}, step {meta.get('step')}). "
                   "/clear: new conversation, /quit: exit, Ctrl-C: stop an answer.")
             while True:
                 try:

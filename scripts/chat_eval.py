@@ -12,8 +12,6 @@ synthetic data, the world's held-out tasks (world_mc, world_arith, world_spell).
 import argparse
 import json
 
-import torch
-
 from nanopipe.chat_eval import centered, chatcore, evaluate_categorical, evaluate_generative
 from nanopipe.checkpoint import load_model
 from nanopipe.common import (UserError, atomic_write_text, autocast, autodetect_device, autodetect_dtype,
@@ -97,7 +95,7 @@ def main(argv=None):
             no_tool = f"{r['accuracy_no_tools']:.4f}" if "accuracy_no_tools" in r else "—"
             rows.append(f"| {name} | {r['accuracy']:.4f} | {r['centered']:.4f} | {r['baseline']:.2f} | {r['n']} | "
                         f"{r.get('used_tool', '—')} | {no_tool} |")
-        md = (f"Model: {args.source} `{meta.get('model_tag', '')}` step {meta.get('step')}. "
+        md = (f"Model: {args.source} `{meta.get('tag', '')}` step {meta.get('step')}. "
               f"ChatCORE ({len(results)} tasks): **{score:.4f}**\n\n" + "\n".join(rows)
               + "\n\nSample transcripts (tool calls shown as ⟦calc: expression → result⟧):\n\n" + transcript_md)
         stage.report(md, {"chatcore": score, "chatcore_tasks": len(results), "tasks": results,

@@ -15,13 +15,16 @@ import pytest
 import torch
 
 from nanopipe import dataset
-from nanopipe.checkpoint import checkpoint_root, list_steps, load_model
+from nanopipe.checkpoint import (checkpoint_root, clean_state_dict, find_last_step, list_steps, load_checkpoint,
+                                 load_model, rng_state, save_checkpoint, set_rng_state)
 from nanopipe.common import UserError, get_base_dir
-from nanopipe.gpt import config_from_depth
+from nanopipe.gpt import build_model, config_from_depth
+from nanopipe.optim import setup_optimizers
 from tests.conftest import subprocess_env
 
 tokenizer_module = pytest.importorskip("nanopipe.tokenizer")
-from scripts.base_train import lr_multiplier, make_plan, muon_momentum  # noqa: E402  (needs the tokenizer module)
+from scripts import base_train  # noqa: E402  (needs the tokenizer module)
+from scripts.base_train import lr_multiplier, make_plan, muon_momentum  # noqa: E402
 
 WORDS = ("the a river stone cloud seven green quick brown fox jumps over lazy dog city paris france capital "
          "of is and blue sky red sun moon night day water fire").split()
@@ -66,6 +69,21 @@ def run_train(*flags, check=True, nproc=1, timeout=120):
     return result
 
 
+def train_in_process(capsys, *flags) -> tuple[int, str, str]:
+    """base_train's main() in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses run (OMP_NUM_THREADS=1): tiny ops are slower on 2
+    code = 0
+    try:
+        base_train.main([*TINY, *flags])
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def read_log(tag):
     path = get_base_dir() / "logs" / f"{tag}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -77,15 +95,15 @@ def final_weights(tag):
     return last, torch.load(ckpt_dir / f"step_{last:06d}" / "model.pt", weights_only=True)
 
 
-def test_resume_after_sigkill_is_bitwise_exact(toy_data):
-    flags = ["--data", "toy", "--num-iterations", "30", "--total-batch-size", "128", "--eval-every", "10",
+def test_resume_after_sigkill_is_bitwise_exact(toy_data, capsys):
+    flags = ["--data", "toy", "--num-iterations", "20", "--total-batch-size", "128", "--eval-every", "10",
              "--eval-tokens", "128", "--save-every", "1", "--keep-last", "2"]
-    run_train(*flags, "--model-tag", "d2")
+    assert train_in_process(capsys, *flags, "--model-tag", "d2")[0] == 0
 
     # the same run, killed hard at a random step, then resumed
     cmd = [sys.executable, "-m", "scripts.base_train", *TINY, *flags, "--model-tag", "killed"]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    kill_at = random.Random().randint(2, 12)
+    kill_at = random.Random().randint(2, 10)
     log_path = get_base_dir() / "logs" / "killed.jsonl"
     deadline = time.time() + 90
     while time.time() < deadline and proc.poll() is None:
@@ -96,12 +114,12 @@ def test_resume_after_sigkill_is_bitwise_exact(toy_data):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     killed_at = max(list_steps(checkpoint_root("base") / "killed"))
-    assert killed_at < 30
+    assert killed_at < 20
     run_train(*flags, "--model-tag", "killed", "--resume")
 
     step_a, weights_a = final_weights("d2")
     step_b, weights_b = final_weights("killed")
-    assert step_a == step_b == 30
+    assert step_a == step_b == 20
     assert weights_a.keys() == weights_b.keys()
     for key in weights_a:
         assert torch.equal(weights_a[key], weights_b[key]), key
@@ -110,23 +128,23 @@ def test_resume_after_sigkill_is_bitwise_exact(toy_data):
     log_a, log_b = read_log("d2"), read_log("killed")
     train_a = {r["step"]: r["loss"] for r in log_a if "loss" in r}
     train_b = [(r["step"], r["loss"]) for r in log_b if "loss" in r]
-    assert [s for s, _ in train_b] == list(range(1, 31))
+    assert [s for s, _ in train_b] == list(range(1, 21))
     assert all(train_a[s] == loss for s, loss in train_b)
     for record in log_a:
         if "loss" in record:
             assert {"step", "loss", "lr", "dt", "tok_per_sec", "mfu", "grad_norm"} <= record.keys()
             assert record["mfu"] is None  # CPU: no peak FLOPs, so no MFU
-    assert [r["step"] for r in log_a if "val_bpb" in r] == [0, 10, 20, 30]  # 30: the final eval, after the save
+    assert [r["step"] for r in log_a if "val_bpb" in r] == [0, 10, 20]  # 20: the final eval, after the save
     assert len(list_steps(checkpoint_root("base") / "d2")) == 2  # --keep-last 2
 
     # the report section and loading the model for the next stages
     section = json.loads(next((toy_data.parent / "report" / "sections").glob("*base_train.json")).read_text())
     data = section["data"]
-    assert data["num_steps"] == 30 and data["tokens"] == 30 * 128 and 0 < data["val_bpb"] < 10
+    assert data["num_steps"] == 20 and data["tokens"] == 20 * 128 and 0 < data["val_bpb"] < 10
     assert data["mfu"] is None and data["tok_per_sec"] > 0 and data["peak_memory_mb"] > 0
     assert section["series"]["train_loss"]["y"][0] == pytest.approx(math.log(300), abs=0.3)
     model, tokenizer, meta = load_model("base", device="cpu")  # default tag: the largest d<N>
-    assert meta["step"] == 30 and meta["val_bpb"] == data["val_bpb"]
+    assert meta["step"] == 20 and meta["val_bpb"] == data["val_bpb"]
     assert torch.equal(model.lm_head.weight, weights_a["lm_head.weight"])
     assert tokenizer.vocab_size == model.config.vocab_size == 300
 
@@ -167,26 +185,27 @@ def test_ddp_two_ranks_match_one_rank_with_grad_accumulation(isolated_dirs):
     _, weights_single = final_weights("single")
     _, weights_ddp = final_weights("ddp")
     for key in weights_single:
-        torch.testing.assert_close(weights_ddp[key], weights_single[key], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(weights_ddp[key], weights_single[key], atol=1e-3, rtol=1e-3)
 
 
-def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(toy_data):
-    result = run_train("--data", "toy", "--num-iterations", "10", "--total-batch-size", "64", "--eval-every", "-1",
-                       "--save-every", "1", "--matrix-lr", "1e30", "--model-tag", "boom", check=False)
-    assert result.returncode == 2
-    error = [line for line in result.stderr.splitlines() if line.startswith("error:")][-1]
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(toy_data, capsys):
+    code, _, err = train_in_process(capsys, "--data", "toy", "--num-iterations", "10", "--total-batch-size", "64",
+                                    "--eval-every", "-1", "--save-every", "1", "--matrix-lr", "1e30",
+                                    "--model-tag", "boom")
+    assert code == 2
+    error = [line for line in err.splitlines() if line.startswith("error:")][-1]
     assert error.startswith("error: training diverged at step 2"), error
     assert "step_000001" in error and "--resume" in error
     assert list_steps(checkpoint_root("base") / "boom") == [1]
 
 
-def test_resume_refuses_a_different_batch_and_fresh_start_refuses_to_overwrite(toy_data):
+def test_resume_refuses_a_different_batch_and_fresh_start_refuses_to_overwrite(toy_data, capsys):
     flags = ["--data", "toy", "--num-iterations", "2", "--eval-every", "-1"]
-    run_train(*flags, "--total-batch-size", "64")
-    result = run_train(*flags, "--total-batch-size", "64", check=False)
-    assert result.returncode == 2 and "--resume" in result.stderr
-    result = run_train(*flags, "--total-batch-size", "128", "--resume", check=False)
-    assert result.returncode == 2 and "--total-batch-size" in result.stderr
+    assert train_in_process(capsys, *flags, "--total-batch-size", "64")[0] == 0
+    code, _, err = train_in_process(capsys, *flags, "--total-batch-size", "64")
+    assert code == 2 and "--resume" in err
+    code, _, err = train_in_process(capsys, *flags, "--total-batch-size", "128", "--resume")
+    assert code == 2 and "--total-batch-size" in err
 
 
 def test_plan_matches_reference_worked_values():
@@ -220,9 +239,53 @@ def test_schedules():
     assert muon_momentum(0) == 0.85 and muon_momentum(150) == pytest.approx(0.9) and muon_momentum(1000) == 0.95
 
 
-def test_dry_run_prints_the_plan_and_writes_nothing(toy_data):
-    result = run_train("--data", "toy", "--num-iterations", "5", "--total-batch-size", "64", "--dry-run")
-    out = result.stdout
+def test_dry_run_prints_the_plan_and_writes_nothing(toy_data, capsys):
+    code, out, _ = train_in_process(capsys, "--data", "toy", "--num-iterations", "5", "--total-batch-size", "64",
+                                    "--dry-run")
+    assert code == 0
     assert "parameters:" in out and "5 steps x 64 tokens" in out and "ETA:" in out and "tok/s" in out
     assert not (get_base_dir() / "checkpoints").exists()
     assert not os.path.exists(toy_data.parent / "report" / "sections")
+
+
+def test_checkpoint_roundtrip_keep_last_and_incomplete_folders(isolated_dirs):
+    torch.manual_seed(0)
+    model = build_model(config_from_depth(2, 300, max_seq_len=16, aspect_ratio=32, head_dim=32), "cpu")
+    optimizers = setup_optimizers(model)
+    x = torch.randint(0, 300, (2, 16))
+    ckpt_dir = checkpoint_root("base") / "t"
+    for step in (1, 2, 3):
+        model(x, x).backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        save_checkpoint(ckpt_dir, step, model, optimizers, {"note": step}, loader_state={"pos": step}, keep_last=2)
+    assert list_steps(ckpt_dir) == [2, 3]
+    (ckpt_dir / ".step_000004.tmp").mkdir()  # a save killed halfway
+    (ckpt_dir / "step_000005").mkdir()  # a folder without meta.json / model.pt
+    assert find_last_step(ckpt_dir) == 3
+    state = rng_state()
+    expected = torch.rand(3)
+    ckpt = load_checkpoint(ckpt_dir)
+    assert ckpt["step"] == 3 and ckpt["meta"]["note"] == 3 and ckpt["loader"] == {"pos": 3}
+    assert ckpt["meta"]["model_config"]["vocab_size"] == 300
+    for key, value in model.state_dict().items():
+        assert torch.equal(ckpt["model"][key], value)
+    fresh = setup_optimizers(model)
+    for opt, saved in zip(fresh, ckpt["optimizers"]):
+        opt.load_state_dict(saved)
+    assert fresh[1].state_dict()["state"].keys() == optimizers[1].state_dict()["state"].keys()
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_clean_state_dict_strips_compile_and_ddp_prefixes():
+    assert list(clean_state_dict({"_orig_mod.module.lm_head.weight": 1, "module.x": 2, "y": 3})) == \
+        ["lm_head.weight", "x", "y"]
+
+
+def test_load_model_without_checkpoints_says_what_to_run(isolated_dirs):
+    with pytest.raises(UserError, match="python -m scripts.base_train"):
+        load_model("base")
+    with pytest.raises(UserError, match="python -m scripts.chat_sft"):
+        load_model("sft")

@@ -10,6 +10,16 @@ from nanopipe.core_eval import (centered_accuracy, crop_left, evaluate_core, eva
                                 fewshot_indices, find_spans, load_bundle, prepare_task, render_prompts,
                                 select_items)
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread avoids OpenMP barrier stalls (100x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 MC = [
     {"query": "Q: 2+2?", "choices": ["3", "4", "5"], "gold": 1},
     {"query": "Q: capital of France?", "choices": ["Paris", "Rome"], "gold": 0},
@@ -317,3 +327,24 @@ def test_ddp_two_ranks_match_one_process(tokenizer, tmp_path):
     single = evaluate_core(model, tokenizer, bundle, "cpu", max_per_task=7, batch_size=4)
     expected = {k: (v["accuracy"], v["n"]) for k, v in single["tasks"].items()}
     assert torch.load(tmp_path / "rank0.pt") == expected == torch.load(tmp_path / "rank1.pt")
+
+
+def test_shared_prefix_path_matches_full_sequences(tokenizer, tmp_path):
+    from nanopipe.core_eval import score_sequences, score_task, score_with_shared_prefix, shared_prefix_len
+    from nanopipe.synthetic import core_items
+    items = core_items(0)["world_facts_mc"][:6]
+    write_bundle(tmp_path, [("mc", "multiple_choice", "mc.jsonl", 3, None, items)])
+    [task], _ = load_bundle(tmp_path)
+    data = select_items(task.items)
+    sequences, plan = prepare_task(task, tokenizer, data, range(len(data)), None)
+    model = tiny_model(tokenizer)
+    bos = tokenizer.bos_token_id
+    full = score_sequences(model, sequences, bos, "cpu", batch_size=4)
+    for first, count, _ in plan:
+        item = sequences[first:first + count]
+        assert shared_prefix_len(item) >= 0.5 * max(len(t) for t, _, _ in item)   # 3-shot MC: the prefix dominates
+        shared = score_with_shared_prefix(model, item, bos, "cpu")
+        for (loss_a, ok_a), (loss_b, ok_b) in zip(shared, full[first:first + count]):
+            assert loss_a == pytest.approx(loss_b, rel=1e-4, abs=1e-5) and ok_a == ok_b
+    # the dispatcher sends these items down the shared path, independently of the batch size
+    assert score_task(model, sequences, plan, bos, "cpu", 1) == score_task(model, sequences, plan, bos, "cpu", 16)

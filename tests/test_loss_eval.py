@@ -11,6 +11,15 @@ from nanopipe.synthetic import generate_documents
 from nanopipe.tokenizer import Tokenizer
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread avoids OpenMP barrier stalls (100x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.train(iter(list(generate_documents(0, 200))), vocab_size=400)

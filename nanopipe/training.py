@@ -1,0 +1,100 @@
+"""What the training stages (base_train, chat_sft) share: metric logging, schedules, guards, memory."""
+
+import json
+import math
+import resource
+from pathlib import Path
+
+import torch
+
+from nanopipe.checkpoint import step_dir
+from nanopipe.common import UserError, get_base_dir
+
+
+class MetricLog:
+    """logs/<tag>.jsonl (rank 0), plus TensorBoard / wandb when asked for (optional extras)."""
+
+    def __init__(self, path: Path, resume_step: int, args, tag: str, enabled: bool):
+        self.path = path
+        self.enabled = enabled
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a fresh run starts a fresh log; a resumed one drops lines past its checkpoint (they will be redone)
+        kept = [r for r in read_log(path) if r["step"] <= resume_step] if resume_step > 0 else []
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        if getattr(args, "tensorboard", False):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(get_base_dir() / "logs" / "tensorboard" / tag))
+        if getattr(args, "wandb", None):
+            try:
+                import wandb
+            except ImportError:
+                raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
+            self.wandb = wandb.init(project="nanopipe", name=args.wandb, config=vars(args), resume="allow")
+
+    def write(self, record: dict):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                   and k != "step"}
+        if self.tb is not None:
+            for key, value in numbers.items():
+                self.tb.add_scalar(key, value, record["step"])
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=record["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_log(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            pass
+    return records
+
+
+def series_from_log(records: list[dict], key: str, ylabel: str) -> dict:
+    """A report series (x = step) of one logged metric."""
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return {"x": [s for s, _ in points], "y": [v for _, v in points], "xlabel": "step", "ylabel": ylabel}
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def muon_momentum(it: int) -> float:
+    """Muon momentum warms up from 0.85 to 0.95 over the first 300 steps."""
+    frac = min(it / 300, 1.0)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def check_finite(step: int, loss: float, grad_norm: float, checkpoint_dir: Path, saved_step: int | None,
+                 lr_flags: str):
+    """Stop at the first non-finite loss or gradient, naming the step and the checkpoint that is still good."""
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    where = (f"last good checkpoint: {step_dir(checkpoint_dir, saved_step)} (continue it with --resume)"
+             if saved_step is not None else "no checkpoint was saved yet")
+    raise UserError(f"training diverged at step {step}: loss {loss}, grad norm {grad_norm}; lower the LRs "
+                    f"({lr_flags}) or check the data; {where}")

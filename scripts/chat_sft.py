@@ -1,0 +1,286 @@
+"""Supervised fine-tuning: teach the base model to chat (and to call the calculator) on conversations.
+
+    python -m scripts.chat_sft                                # the data's default mixture, one epoch
+    python -m scripts.chat_sft --mixture smoltalk,gsm8k:2 --num-iterations 500
+    torchrun --standalone --nproc_per_node=8 -m scripts.chat_sft
+    python -m scripts.chat_sft --resume                       # continue the last SFT checkpoint
+
+Only what the assistant writes is trained (targets are -1 elsewhere), and the loss of a step is normalised
+by the number of trained tokens in the whole accumulated batch across ranks, so a micro-batch with no
+trained token adds nothing rather than a NaN (nanochat #618). LR: constant, then linear decay to 0 over the
+last --warmdown-ratio of training; no weight decay. Checkpoints go to checkpoints/sft/<tag>/.
+"""
+
+import argparse
+import contextlib
+import math
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from nanopipe.checkpoint import (checkpoint_root, find_last_step, load_checkpoint, load_model, rng_state,
+                                 save_checkpoint, set_rng_state)
+from nanopipe.common import (UserError, autocast, autodetect_device, autodetect_dtype, cleanup_distributed,
+                             format_duration, get_base_dir, init_distributed, peak_flops, print0, seed_everything)
+from nanopipe.dataset import default_data_name
+from nanopipe.optim import setup_optimizers
+from nanopipe.sft_data import SFTLoader
+from nanopipe.stage import Stage
+from nanopipe.training import MetricLog, check_finite, muon_momentum, peak_memory_mb, read_log, series_from_log
+from tasks.common import TaskMixture
+from tasks.registry import SFT_MIXTURES, SFT_TASKS, parse_mixture
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m scripts.chat_sft", description=__doc__.split("\n")[0])
+    p.add_argument("--model-tag", default=None, help="base model to start from (default: the largest d<N>); "
+                                                     "the SFT model is saved under the same tag")
+    p.add_argument("--step", type=int, default=None, help="base checkpoint step (default: its last)")
+    p.add_argument("--mixture", default=None,
+                   help="name[:epochs],... from: " + ", ".join(SFT_TASKS) + " (default: the data's mixture)")
+    p.add_argument("--data", default=None, help="dataset name; 'synthetic' selects the synthetic mixture")
+    p.add_argument("--num-epochs", type=float, default=1.0, help="passes over the mixture")
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides --num-epochs)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the base model's)")
+    p.add_argument("--device-batch-size", type=int, default=8)
+    p.add_argument("--total-batch-size", type=int, default=-1,
+                   help="tokens per step (-1: one micro-batch per rank, no accumulation)")
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--embedding-lr", type=float, default=0.3)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--scalar-lr", type=float, default=0.5)
+    p.add_argument("--init-lr-frac", type=float, default=1.0, help="LR multiplier relative to pretraining")
+    p.add_argument("--warmdown-ratio", type=float, default=0.2, help="final fraction of training with LR -> 0")
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1: only at the end)")
+    p.add_argument("--val-conversations", type=int, default=1000, help="held-out conversations for val loss")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only the last)")
+    p.add_argument("--keep-last", type=int, default=2)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the last SFT checkpoint of the tag")
+    p.add_argument("--tensorboard", action="store_true")
+    p.add_argument("--wandb", default=None, metavar="RUN")
+    return p.parse_args(argv)
+
+
+def build_mixtures(spec: str, val_conversations: int):
+    """(train mixture, val mixture, [(task name, epochs, rows)]) for a mixture spec."""
+    try:
+        entries = parse_mixture(spec)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    train, val, table = [], [], []
+    for name, epochs in entries:
+        train_task, val_task = SFT_TASKS[name]()
+        train.append((train_task, epochs))
+        table.append((name, epochs, len(train_task)))
+        if val_task is not None:
+            val.append(val_task)
+    train_mix = TaskMixture(train)
+    if not val:
+        raise UserError(f"mixture {spec!r} has no task with held-out conversations: add one (e.g. synthetic, smoltalk)")
+    val_mix = TaskMixture(val)
+    return train_mix, val_mix[:min(val_conversations, len(val_mix))], table
+
+
+def lr_multiplier(progress: float, warmdown_ratio: float) -> float:
+    """1 until the last warmdown_ratio of training, then linearly down to 0."""
+    if progress < 1 - warmdown_ratio:
+        return 1.0
+    return max(0.0, (1 - progress) / warmdown_ratio)
+
+
+@torch.no_grad()
+def val_loss(model, tokenizer, val_mix, batch_size, seq_len, device, rank, world, amp) -> float:
+    """Mean loss per trained token over the held-out conversations (every rank reads its share)."""
+    model.eval()
+    loader = SFTLoader(tokenizer, val_mix, batch_size, seq_len, device, rank, world, loop=False)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in loader:
+        with amp:
+            sums[0] += model(x, y, loss_reduction="sum").double()
+        sums[1] += (y != -1).sum()
+    if dist.is_initialized():
+        dist.all_reduce(sums)
+    model.train()
+    return (sums[0] / sums[1].clamp(min=1)).item()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with Stage("chat_sft", args) as stage:
+        train(args, stage)
+
+
+def train(args, stage):
+    device = autodetect_device(args.device)
+    info = init_distributed(device)
+    rank, world, master = info.rank, info.world_size, info.rank == 0
+    dtype = autodetect_dtype(device)
+    amp = autocast(device, dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    seed_everything(args.seed)
+
+    data_name = default_data_name(args.data)
+    spec = args.mixture or SFT_MIXTURES["synthetic" if data_name == "synthetic" else "real"]
+    train_mix, val_mix, table = build_mixtures(spec, args.val_conversations)
+    model, tokenizer, base_meta = load_model("base", args.model_tag, args.step, device)
+    model.train()
+    tag = args.model_tag or base_meta["tag"]
+    seq_len = args.max_seq_len or model.config.sequence_len
+    if seq_len > model.rotary_len:
+        raise UserError(f"--max-seq-len {seq_len} exceeds what the model's rotary table covers ({model.rotary_len})")
+    tokens_per_micro = args.device_batch_size * seq_len * world
+    total_batch = args.total_batch_size if args.total_batch_size > 0 else tokens_per_micro
+    if total_batch % tokens_per_micro:
+        raise UserError(f"--total-batch-size {total_batch:,} is not a multiple of --device-batch-size "
+                        f"{args.device_batch_size} x seq {seq_len} x {world} rank(s) = {tokens_per_micro:,}")
+    grad_accum = total_batch // tokens_per_micro
+    print0(f"SFT of base model {tag} ({base_meta['checkpoint_dir']}) on {spec}: {len(train_mix):,} conversations "
+           f"x {args.num_epochs:g} epoch(s), {len(val_mix):,} held out; rows of {seq_len} tokens, "
+           f"{grad_accum} x {args.device_batch_size} rows x {world} rank(s) per step")
+
+    lr = args.init_lr_frac
+    optimizers = setup_optimizers(model, matrix_lr=args.matrix_lr * lr, embedding_lr=args.embedding_lr * lr,
+                                  unembedding_lr=args.unembedding_lr * lr, scalar_lr=args.scalar_lr * lr,
+                                  weight_decay=0.0)
+    ckpt_dir = checkpoint_root("sft") / tag
+    start_step, loader_state = 0, None
+    loop = {"smooth_loss": 0.0, "train_seconds": 0.0, "timed_steps": 0, "val_loss": None, "trained_tokens": 0}
+    last_step = find_last_step(ckpt_dir)
+    if last_step is not None and not args.resume:
+        raise UserError(f"{ckpt_dir} already has a checkpoint at step {last_step}: pass --resume to continue it, "
+                        f"or delete that folder to start over")
+    if last_step is not None:
+        ckpt = load_checkpoint(ckpt_dir, last_step, device=device, rank=rank)
+        if ckpt["meta"]["world_size"] != world:
+            raise UserError(f"{ckpt_dir} was written by {ckpt['meta']['world_size']} rank(s): resume with the same number")
+        model.load_state_dict(ckpt["model"])
+        for opt, state in zip(optimizers, ckpt["optimizers"]):
+            opt.load_state_dict(state)
+        start_step, loader_state = last_step, ckpt["loader"]
+        loop.update(ckpt["meta"]["loop_state"])
+        set_rng_state(ckpt["rng"])
+        print0(f"resuming {ckpt_dir} from step {start_step}")
+        del ckpt
+
+    loader = SFTLoader(tokenizer, train_mix, args.device_batch_size, seq_len, device, rank, world, state=loader_state)
+    train_model = DDP(model, device_ids=[info.local_rank] if device == "cuda" else None) if info.is_ddp else model
+    log = MetricLog(get_base_dir() / "logs" / f"sft-{tag}.jsonl", start_step, args, f"sft-{tag}", enabled=master)
+    peak = peak_flops(device)
+    flops_per_token = model.flops_per_token()
+
+    def progress_of(step: int) -> float:
+        if args.num_iterations > 0:
+            return step / args.num_iterations
+        done = torch.tensor([loader.progress / args.num_epochs], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(done, op=dist.ReduceOp.MIN)  # every rank stops at the same step
+        return done.item()
+
+    def save(step):
+        meta = {"tag": tag, "base_checkpoint": base_meta["checkpoint_dir"], "mixture": spec, "loop_state": loop,
+                "user_config": vars(args), "max_seq_len": seq_len}
+        save_checkpoint(ckpt_dir, step, model, optimizers, meta, loader.state_dict(), rng_state(),
+                        keep_last=args.keep_last)
+
+    step, saved_step = start_step, last_step
+    progress = progress_of(step)
+    with tqdm(total=1000, initial=int(1000 * min(progress, 1)), disable=not master, desc="chat_sft",
+              unit="‰", dynamic_ncols=True) as bar:
+        while progress < 1:
+            sync()
+            t0 = time.perf_counter()
+            lrm = lr_multiplier(progress, args.warmdown_ratio)
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+            for group in optimizers[1].param_groups:
+                group["momentum"] = muon_momentum(step)
+            batches = [next(loader) for _ in range(grad_accum)]
+            # normalise by the trained tokens of the whole step on all ranks, not per micro-batch
+            trained = torch.tensor(sum(int((y != -1).sum()) for _, y in batches), dtype=torch.float64)
+            if dist.is_initialized():
+                dist.all_reduce(trained)
+            loss_sum = 0.0
+            for micro, (x, y) in enumerate(batches):
+                no_sync = train_model.no_sync() if info.is_ddp and micro < grad_accum - 1 else contextlib.nullcontext()
+                with no_sync, amp:
+                    loss = train_model(x, y, loss_reduction="sum")
+                # DDP averages gradients over ranks, so scale by world to get the sum over all trained tokens
+                (loss * world / trained.clamp(min=1).item()).backward()
+                loss_sum += loss.item()
+            step += 1
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       args.grad_clip if args.grad_clip > 0 else float("inf")).item()
+            total_loss = torch.tensor([loss_sum], dtype=torch.float64)
+            if dist.is_initialized():
+                dist.all_reduce(total_loss)
+            train_loss = total_loss.item() / max(trained.item(), 1)
+            check_finite(step, train_loss, grad_norm, ckpt_dir, saved_step, "--matrix-lr/--embedding-lr/--init-lr-frac")
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            sync()
+            dt = time.perf_counter() - t0
+            if step > start_step + 1:
+                loop["train_seconds"] += dt
+                loop["timed_steps"] += 1
+            loop["trained_tokens"] += int(trained.item())
+            loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
+            progress = progress_of(step)
+            tok_per_sec = total_batch / dt
+            record = {"step": step, "loss": train_loss, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec,
+                      "mfu": 100 * flops_per_token * tok_per_sec / (peak * world) if peak else None,
+                      "grad_norm": grad_norm, "trained_tokens": int(trained.item()), "progress": progress}
+            last = progress >= 1
+            if last or (args.save_every > 0 and step % args.save_every == 0):
+                save(step)  # before the eval: an eval crash costs no training
+                saved_step = step
+            if last or (args.eval_every > 0 and step % args.eval_every == 0):
+                loop["val_loss"] = record["val_loss"] = val_loss(model, tokenizer, val_mix, args.device_batch_size,
+                                                                 seq_len, device, rank, world, amp)
+            log.write(record)
+            smooth = loop["smooth_loss"] / (1 - 0.9 ** (step - start_step))
+            postfix = f"step {step} | loss {smooth:.4f} | {tok_per_sec:,.0f} tok/s"
+            if "val_loss" in record:
+                postfix += f" | val loss {record['val_loss']:.4f}"
+            bar.set_postfix_str(postfix, refresh=False)
+            bar.update(int(1000 * min(progress, 1)) - bar.n)
+
+    if start_step == step:  # a rerun of a finished SFT: nothing to train, refresh the report
+        print0(f"{ckpt_dir} is already trained to the end (step {step}); writing its report")
+        loop["val_loss"] = val_loss(model, tokenizer, val_mix, args.device_batch_size, seq_len, device, rank, world, amp)
+    log.close()
+    records = read_log(log.path)
+    tok_per_sec = total_batch * loop["timed_steps"] / loop["train_seconds"] if loop["train_seconds"] else None
+    data = {"train_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
+            "val_loss": loop["val_loss"], "num_steps": step, "tok_per_sec": tok_per_sec,
+            "mfu": 100 * flops_per_token * tok_per_sec / (peak * world) if peak and tok_per_sec else None,
+            "trained_tokens": loop["trained_tokens"], "train_seconds": loop["train_seconds"],
+            "peak_memory_mb": peak_memory_mb(device), "mixture": spec, "checkpoint": str(ckpt_dir),
+            "rows": {name: rows for name, _, rows in table}}
+    lines = [f"Fine-tuned base model `{tag}` on `{spec}` for {step} steps ({grad_accum} x {args.device_batch_size} "
+             f"rows of {seq_len} tokens x {world} rank(s)); {loop['trained_tokens']:,} assistant tokens trained "
+             "(user turns, tool outputs and padding masked).", "",
+             "| task | epochs | conversations |", "|---|---|---|"]
+    lines += [f"| {name} | {epochs:g} | {rows:,} |" for name, epochs, rows in table]
+    lines += ["", "| metric | value |", "|---|---|",
+              f"| final train loss | {_fmt(data['train_loss'])} |", f"| val loss | {_fmt(data['val_loss'])} |",
+              f"| tok/s | {_fmt(tok_per_sec, 0)} |", f"| train time | {format_duration(loop['train_seconds'])} |"]
+    series = {"sft train loss": series_from_log(records, "loss", "loss"),
+              "sft val loss": series_from_log(records, "val_loss", "loss")}
+    stage.report("\n".join(lines), data, series)
+    cleanup_distributed()
+
+
+def _fmt(value, digits=4) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.{digits}f}"
+
+
+if __name__ == "__main__":
+    main()
