@@ -3,7 +3,7 @@ CORE evaluation: batched (nanopipe.core_eval) vs one item at a time (the referen
 prompts padded to their longest and run as one forward pass), same model, same tasks, same prompts.
 Prints both times and the ratio, and checks that both give identical accuracies.
 
-    python -m bench.bench_core_eval [--bundle DIR] [--depth 4] [--max-per-task 12] [--batch-size 32] [--threads N]
+    python -m bench.bench_core_eval [--bundle DIR] [--depth 4] [--max-per-task 12] [--batch-size 16] [--threads N]
 
 The bundle defaults to ../shared/data/core_sample when present, else the synthetic world's bundle
 (written to a temp dir). The model is a randomly initialised depth-N GPT: the timing does not depend on
@@ -66,7 +66,7 @@ def main():
     parser.add_argument("--bundle", default=None)
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--max-per-task", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -14,12 +14,17 @@ Few-shot examples (item i draws `random.Random(1234 + i).sample(others, k)`) pre
 with its gold answer and followed by a blank line. Every prompt starts with bos; a prompt longer than
 max_seq_len keeps its last max_seq_len tokens.
 
-Batching: all prompts of a task are tokenized up front, then run many per forward pass. Each prompt is
-right-padded with bos to its length bucket (a multiple of BUCKET), and only prompts of the same bucket share
-a forward pass, so a prompt always goes through the model with the same shape whatever the batch size;
-losses are computed per row and averaged over the span in a fixed order. Padding sits to the right of every
-scored position, so causal attention never sees it. On CPU this makes losses bitwise identical for any batch
-size (tested); on GPU, kernels picked by batch shape can move the last bits.
+Speed: two ways to score, chosen per item from its own tokens (never from the batch size).
+- An item whose prompts share a prefix of at least half their length (multiple choice: few-shot examples
+  + query, then one short choice per prompt) runs that prefix once into a KV cache copied to every
+  choice row; only the choices' own tokens run after it. This removes (n - 1) of n prefix passes.
+- All other prompts (language modeling, 0-shot schema, items cropped at different points) are batched
+  across items: each is right-padded with bos to its length bucket (a multiple of BUCKET), and only prompts
+  of the same bucket share a forward pass, so a prompt always goes through the model with the same shape
+  whatever the batch size. Padding sits to the right of every scored position, which causal attention
+  never lets it influence.
+Losses are computed per row and averaged over the span in a fixed order. On CPU results are bitwise
+identical for any batch size (tested); on GPU, kernels picked by batch shape can move the last bits.
 """
 
 import csv
@@ -244,9 +249,9 @@ def _span_scores(logits, targets, spans):
     where targets[r, p] is the token position p should predict (-1: none)."""
     losses = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                              reduction="none").view(targets.shape)
-    predictions = logits.argmax(dim=-1)
-    return [(losses[r, a:b].mean().item(), bool((predictions[r, a:b] == targets[r, a:b]).all()))
-            for r, (a, b) in enumerate(spans)]
+    hits = logits.argmax(dim=-1) == targets
+    losses, hits = losses.cpu(), hits.cpu()  # one transfer per batch, not one per row
+    return [(losses[r, a:b].mean().item(), bool(hits[r, a:b].all())) for r, (a, b) in enumerate(spans)]
 
 
 @torch.no_grad()

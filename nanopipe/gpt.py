@@ -379,13 +379,13 @@ class _ChunkedSoftcapCrossEntropy(torch.autograd.Function):
         return grad_x * scale, grad_w * scale, None, None, None, None
 
 
-def chunked_head_loss(x, weight, targets, vocab_size, reduction="mean"):
+def chunked_head_loss(x, weight, targets, vocab_size, reduction="mean", chunk_rows=None):
     """Loss of the softcapped lm_head on x (B, T, C): same values as `cross_entropy` on the full logits."""
     flat_x, flat_t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    # 64 MB of fp32 logits per chunk: small enough to avoid the full tensor's allocation and page faults,
-    # large enough that per-op threading overhead stays small on a busy machine (measured: 64 rows is 1.7x slower
-    # than 512 at 2 threads under load, and no faster on 1 thread)
-    chunk_rows = max(64, 2**24 // vocab_size)
+    # default: 64 MB of fp32 logits per chunk, small enough to avoid the full tensor's allocation and page
+    # faults, large enough that per-op threading overhead stays small on a busy machine (measured: 64 rows is
+    # 1.7x slower than 512 at 2 threads under load, and no faster on 1 thread)
+    chunk_rows = chunk_rows or max(64, 2**24 // vocab_size)
     compute_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if compute_grad and reduction == "none":
         raise ValueError("loss_reduction='none' with gradients: use the logits path (targets=None)")

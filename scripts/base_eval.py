@@ -14,7 +14,7 @@ from contextlib import nullcontext
 import torch
 
 from nanopipe.checkpoint import load_model
-from nanopipe.common import (UserError, autodetect_device, autodetect_dtype, cleanup_distributed,
+from nanopipe.common import (autodetect_device, autodetect_dtype, cleanup_distributed,
                              init_distributed, print0)
 from nanopipe.core_eval import evaluate_core
 from nanopipe.dataloader import PretrainLoader

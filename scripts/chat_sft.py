@@ -188,6 +188,11 @@ def train(args, stage):
         save_checkpoint(ckpt_dir, step, model, optimizers, meta, loader.state_dict(), rng_state(),
                         keep_last=args.keep_last)
 
+    if start_step == 0:
+        loop["initial_val_loss"] = val_loss(model, tokenizer, val_mix, args.device_batch_size, seq_len, device, rank,
+                                            world, amp)
+        print0(f"step 0: val loss {loop['initial_val_loss']:.4f}")
+        log.write({"step": 0, "val_loss": loop["initial_val_loss"]})
     step, saved_step = start_step, last_step
     progress = progress_of(step)
     with tqdm(total=1000, initial=int(1000 * min(progress, 1)), disable=not master, desc="chat_sft",
@@ -259,7 +264,7 @@ def train(args, stage):
     records = read_log(log.path)
     tok_per_sec = total_batch * loop["timed_steps"] / loop["train_seconds"] if loop["train_seconds"] else None
     data = {"train_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
-            "val_loss": loop["val_loss"], "num_steps": step, "tok_per_sec": tok_per_sec,
+            "val_loss": loop["val_loss"], "initial_val_loss": loop.get("initial_val_loss"), "num_steps": step, "tok_per_sec": tok_per_sec,
             "mfu": 100 * flops_per_token * tok_per_sec / (peak * world) if peak and tok_per_sec else None,
             "trained_tokens": loop["trained_tokens"], "train_seconds": loop["train_seconds"],
             "peak_memory_mb": peak_memory_mb(device), "mixture": spec, "checkpoint": str(ckpt_dir),
@@ -270,7 +275,9 @@ def train(args, stage):
              "| task | epochs | conversations |", "|---|---|---|"]
     lines += [f"| {name} | {epochs:g} | {rows:,} |" for name, epochs, rows in table]
     lines += ["", "| metric | value |", "|---|---|",
-              f"| final train loss | {_fmt(data['train_loss'])} |", f"| val loss | {_fmt(data['val_loss'])} |",
+              f"| final train loss | {_fmt(data['train_loss'])} |",
+              f"| val loss (held-out conversations) | {_fmt(data['initial_val_loss'])} before, "
+              f"{_fmt(data['val_loss'])} after |",
               f"| tok/s | {_fmt(tok_per_sec, 0)} |", f"| train time | {format_duration(loop['train_seconds'])} |"]
     series = {"sft train loss": series_from_log(records, "loss", "loss"),
               "sft val loss": series_from_log(records, "val_loss", "loss")}

@@ -160,7 +160,7 @@ def uniform_length_docs(tokenizer, count, length, seed=0):
     return docs
 
 
-def test_ddp_two_ranks_match_one_rank_with_grad_accumulation(isolated_dirs):
+def test_ddp_two_ranks_match_one_rank_with_grad_accumulation(isolated_dirs, capsys):
     rng = random.Random(1)
     tokenizer = train_tokenizer([make_doc(rng) for _ in range(500)])
     # 2 ranks x 2 micro-batches x 2 rows = one row group of 4 docs per rank per step; 1 rank x 4 micro-batches
@@ -172,7 +172,7 @@ def test_ddp_two_ranks_match_one_rank_with_grad_accumulation(isolated_dirs):
     # LRs well above the defaults (which the tiny batch scales down by sqrt(256 / 2^19)) so 6 steps visibly learn
     flags = ["--data", "uniform", "--num-iterations", "6", "--total-batch-size", str(4 * 2 * SEQ),
              "--eval-every", "-1", "--matrix-lr", "0.5", "--embedding-lr", "5", "--unembedding-lr", "0.2"]
-    run_train(*flags, "--model-tag", "single")
+    assert train_in_process(capsys, *flags, "--model-tag", "single")[0] == 0
     run_train(*flags, "--model-tag", "ddp", nproc=2)
     single = [r for r in read_log("single") if "loss" in r]
     ddp = [r for r in read_log("ddp") if "loss" in r]

@@ -348,3 +348,40 @@ def test_shared_prefix_path_matches_full_sequences(tokenizer, tmp_path):
             assert loss_a == pytest.approx(loss_b, rel=1e-4, abs=1e-5) and ok_a == ok_b
     # the dispatcher sends these items down the shared path, independently of the batch size
     assert score_task(model, sequences, plan, bos, "cpu", 1) == score_task(model, sequences, plan, bos, "cpu", 16)
+
+
+def test_base_eval_script_end_to_end(tokenizer, tmp_path, isolated_dirs):
+    """scripts.base_eval on the synthetic world with a saved (untrained) checkpoint: every eval, one report."""
+    import os
+    from pathlib import Path
+    from nanopipe.checkpoint import save_checkpoint
+    from nanopipe.common import get_base_dir
+    from nanopipe.dataset import build_synthetic
+    from scripts import base_eval
+    build_synthetic(num_shards=2)
+    tokenizer.save(get_base_dir() / "tokenizer")
+    save_checkpoint(get_base_dir() / "checkpoints" / "base" / "d2", 5, tiny_model(tokenizer, seq_len=64), [], {})
+    text = tmp_path / "mine.txt"
+    text.write_text("The capital of Quen is Lorv. 12 + 30 = 42.\n")
+    base_eval.main(["--data", "synthetic", "--max-per-task", "4", "--device-batch-size", "4", "--split-tokens", "512",
+                    "--eval", "core,bpb,sample,text", "--text", str(text)])
+    report = Path(os.environ["NANOPIPE_REPORT_DIR"]) / "sections" / "04-base_eval.json"
+    data = json.loads(report.read_text())["data"]
+    assert data["core_tasks"] == data["core_tasks_total"] == len(data["tasks"]) == 5
+    assert all(t["n"] == 4 for t in data["tasks"].values())
+    assert set(data["bpb"]) == {"train", "val"} and all(0 < v < 20 for v in data["bpb"].values())
+    assert len(data["samples"]) == len(base_eval.SAMPLE_PROMPTS)
+    assert data["samples"][0].startswith(base_eval.SAMPLE_PROMPTS[0])
+    assert list(data["text"])[0] == "bpb" and data["text"]["tokens"] > 0
+
+
+def test_base_eval_script_errors(isolated_dirs, capsys):
+    from scripts import base_eval
+    with pytest.raises(SystemExit) as exit_info:
+        base_eval.main(["--eval", "core"])
+    assert exit_info.value.code == 2
+    assert "run `python -m scripts.base_train` first" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        base_eval.main(["--eval", "text"])          # --eval text needs --text
+    with pytest.raises(SystemExit):
+        base_eval.main(["--eval", "core,bleu"])

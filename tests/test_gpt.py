@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nanopipe.gpt import GPT, GPTConfig, KVCache, build_model, config_from_depth, cross_entropy
+from nanopipe.gpt import GPT, GPTConfig, KVCache, build_model, chunked_head_loss, config_from_depth, cross_entropy
 
 
 @pytest.fixture(autouse=True)
@@ -200,3 +200,23 @@ def test_chunked_cpu_loss_matches_full_logits_loss_and_grads():
     with torch.no_grad():
         torch.testing.assert_close(model(idx, targets, loss_reduction="none"),
                                    cross_entropy(model(idx), targets, "none"))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_chunked_head_loss_over_many_chunks_matches_autograd(reduction):
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    weight = (0.5 * torch.randn(320, 16)).requires_grad_()  # padded rows beyond vocab 300 get no gradient
+    targets = torch.randint(0, 300, (3, 7))
+    targets[0, :4] = -1
+    loss = chunked_head_loss(x, weight, targets, 300, reduction, chunk_rows=5)  # 21 rows: 5 chunks, last partial
+    loss.backward()
+    gx, gw = x.grad.clone(), weight.grad.clone()
+    x.grad = weight.grad = None
+    logits = 15 * torch.tanh((x @ weight[:300].t()) / 15)
+    reference = cross_entropy(logits, targets, reduction)
+    reference.backward()
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, weight.grad)
+    assert (gw[300:] == 0).all()

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from tokenizers import pre_tokenizers, trainers
 
 from nanopipe.common import UserError, get_base_dir
-from nanopipe.tokenizer import (CHUNK_BOUNDARY, SPECIAL_TOKENS, Tokenizer, _new_hf_tokenizer, _scaled, count_chunks,
-                                count_chunks_into, get_tokenizer, trainer_feed)
+from nanopipe.tokenizer import (CHUNK_BOUNDARY, SPECIAL_TOKENS, Tokenizer, _new_hf_tokenizer, chunk_feed,
+                                count_chunks_into, get_tokenizer, sample_chunks, trainer_feed)
 
 # Text in several scripts, so that some learned tokens hold only part of a UTF-8 character.
 MULTILINGUAL = [
@@ -111,23 +111,26 @@ def test_chunks_never_split_a_pretoken(tok, text):
     assert [w for w, _ in pretokenize(text)] == [w for c in chunks for w, _ in pretokenize(c)]
 
 
-def test_parallel_counting_matches_serial(docs):
-    serial = count_chunks(iter(docs), num_workers=1)
-    parallel = count_chunks(iter(docs), num_workers=3, batch_chars=20_000)
-    assert parallel == serial
-    body, heads = serial  # every character is in exactly one chunk (body chunks lost their leading space)
-    assert sum(c * (len(p) + 1) for p, c in body.items()) + sum(c * len(h) for h, c in heads.items()) == \
-        sum(map(len, docs))
+def test_feed_does_not_depend_on_the_number_of_processes(docs):
+    serial_stats, parallel_stats = {}, {}
+    serial = chunk_feed(iter(docs), num_workers=1, batch_chars=20_000, stats=serial_stats)
+    parallel = chunk_feed(iter(docs), num_workers=3, batch_chars=20_000, stats=parallel_stats)
+    assert parallel == serial and parallel_stats == serial_stats and serial_stats["feed_scale"] == 1
+    assert sorted("".join(serial)) == sorted("".join(docs))  # k = 1: every character fed exactly once
 
 
-def test_scaled_feed_keeps_totals_and_rounding():
-    counts = Counter({f"w{i}": c for i, c in enumerate([1, 1, 1, 5, 9, 17, 2, 1, 1, 64, 3])})
-    for k in (1, 2, 4, 8):
-        copies = dict(_scaled(counts, k))
-        assert sum(copies.values()) == sum(counts.values()) // k
+def test_sampling_keeps_totals_and_rounding():
+    counts = Counter({w: c for w, c in zip(["the", "then", "there", "thx", "a", "ab", "abc", "zzz", "q", "qq"],
+                                           [1, 1, 1, 5, 9, 17, 2, 1, 64, 3])})
+    assert dict(sample_chunks(counts, 1)) == counts
+    for k in (2, 4, 8):
+        copies = dict(sample_chunks(counts, k))
         for chunk, c in counts.items():  # each chunk gets floor(c/k) or one more
             assert copies.get(chunk, 0) - c // k in (0, 1)
-    assert dict(_scaled(counts, 1)) == counts
+        for prefix in {c[:3] for c in counts}:  # each stratum keeps floor(its total / k)
+            assert sum(n for c, n in copies.items() if c[:3] == prefix) == \
+                sum(n for c, n in counts.items() if c[:3] == prefix) // k
+    assert dict(sample_chunks(Counter({"the": 3, "then": 3, "there": 2}), 4)) == {"then": 1, "there": 1}
 
 
 def test_trainer_feed_reproduces_the_text_pretokens(tok):

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The offline main job: the whole pipeline on the built-in synthetic world, on CPU, no network needed.
+#
+#   bash runs/speedrun_cpu.sh
+#
+# set-up -> synthetic data -> tokenizer -> pretraining -> base eval (CORE on the world's tasks, bpb) -> SFT
+# -> chat eval (with and without the calculator) -> report/report.md. About 20 minutes on 2 CPU cores.
+#
+# Rerunning continues where it stopped: finished steps are skipped and training resumes from its last
+# checkpoint (kill it at any point and run it again). FRESH=1 starts over.
+# Overrides: NANOPIPE_BASE_DIR (default ~/.cache/nanopipe), DEPTH, BASE_STEPS, SFT_STEPS, SKIP_SETUP=1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "${SKIP_SETUP:-0}" != "1" ]; then bash runs/setup.sh; fi
+# shellcheck source=runs/common.sh
+source runs/common.sh
+
+export NANOPIPE_BASE_DIR="${NANOPIPE_BASE_DIR:-$HOME/.cache/nanopipe}"
+export NANOPIPE_DATA=synthetic
+export NANOPIPE_DEVICE="${NANOPIPE_DEVICE:-cpu}"
+DEPTH="${DEPTH:-4}"
+VOCAB="${VOCAB:-4096}"
+SEQ_LEN="${SEQ_LEN:-256}"
+BASE_STEPS="${BASE_STEPS:-300}"
+SFT_STEPS="${SFT_STEPS:-150}"
+TAG="d$DEPTH"
+
+start_run "cpu_$TAG"
+echo "nanopipe CPU speedrun: depth $DEPTH, seq $SEQ_LEN, vocab $VOCAB, $BASE_STEPS pretraining + $SFT_STEPS SFT steps"
+echo "base dir: $NANOPIPE_BASE_DIR"
+
+step data        $PY -m nanopipe.dataset synthetic
+step tok_train   $PY -m scripts.tok_train --vocab-size "$VOCAB"
+step tok_eval    $PY -m scripts.tok_eval
+step base_train  $PY -m scripts.base_train --depth "$DEPTH" --head-dim 64 --max-seq-len "$SEQ_LEN" \
+                     --device-batch-size 16 --total-batch-size 8192 --num-iterations "$BASE_STEPS" \
+                     --warmup-ratio 0.02 --warmdown-ratio 0.4 --eval-every 50 --eval-tokens 65536 \
+                     --save-every 25 --sample-every -1 --core-metric-every -1 --resume
+step base_eval   $PY -m scripts.base_eval --device-batch-size 16 --split-tokens 65536
+step chat_sft    $PY -m scripts.chat_sft --num-iterations "$SFT_STEPS" --device-batch-size 8 \
+                     --eval-every 50 --val-conversations 200 --save-every 25 --resume
+step chat_eval   $PY -m scripts.chat_eval -i sft --max-problems 100 --max-new-tokens 64 --tool-ablation
+$PY -m nanopipe.report generate
+
+report_dir="${NANOPIPE_REPORT_DIR:-report}"
+echo
+echo "done in $(elapsed)."
+echo "  report: $report_dir/report.md"
+echo "  models: $NANOPIPE_BASE_DIR/checkpoints/{base,sft}/$TAG"
+echo "  chat:   $PY -m scripts.chat_cli        (or -p \"What is the capital of ...?\" for one answer)"
