@@ -54,6 +54,7 @@ FEED_CHUNKS_MIN = 1_000_000  # ...and never fewer than this many (small corpora 
 STRATUM_CHARS = 3  # chunks sharing their first 3 characters are sampled together
 NUM_PARTITIONS = 8  # batch i is counted and sampled in partition i % 8, whatever the number of processes
 BATCH_CHARS = 1 << 20  # text per batch
+ENCODE_CACHE_CHUNKS = 1 << 18  # distinct chunks encode() remembers (~50 MB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,6 +254,7 @@ class Tokenizer:
         self.bos_token_id = self._special_ids["<|bos|>"]
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self._token_bytes = None
+        self._chunk_ids = {}  # chunk -> token ids, see _encode_chunked
 
     # --- training, saving, loading
 
@@ -328,19 +330,40 @@ class Tokenizer:
         """ids of a str, or a list of id lists for a list of str. `prepend`/`append`: a token id or special
         token name added to every sequence. Special-token text is encoded as text, never as a special token.
 
-        A list is encoded by the tokenizers thread pool (all cores, or $RAYON_NUM_THREADS), outside the GIL;
-        num_threads=1 encodes it in the calling thread instead."""
+        Texts are cut into chunks (as in training) and each distinct chunk is tokenized once and remembered:
+        a text's ids are its chunks' ids. New chunks are tokenized by the tokenizers thread pool (all cores, or
+        $RAYON_NUM_THREADS) outside the GIL; num_threads=1 tokenizes them in the calling thread instead."""
         single = isinstance(text_or_list, str)
         texts = [text_or_list] if single else list(text_or_list)
-        if num_threads == 1:
-            encoded = [self._hf.encode(t, add_special_tokens=False).ids for t in texts]
-        else:
-            encoded = [e.ids for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
+        encoded = self._encode_chunked(texts, parallel=num_threads != 1)
         if prepend is not None or append is not None:
             head = [] if prepend is None else [self._token_id(prepend)]
             tail = [] if append is None else [self._token_id(append)]
             encoded = [head + ids + tail for ids in encoded]
         return encoded[0] if single else encoded
+
+    def _encode_chunked(self, texts, parallel) -> list[list[int]]:
+        split = [CHUNK_BOUNDARY.split(t) for t in texts]
+        if len(self._chunk_ids) > ENCODE_CACHE_CHUNKS:
+            self._chunk_ids.clear()  # crude but cheap; the cache refills with what the text uses
+        cache = self._chunk_ids  # body chunks are keyed by their text after the space, heads by a 1-tuple
+        new = {(pieces[0],) for pieces in split if (pieces[0],) not in cache}
+        new.update(p for pieces in split for p in itertools.islice(pieces, 1, None) if p not in cache)
+        if new:
+            keys = list(new)
+            chunks = [k[0] if isinstance(k, tuple) else " " + k for k in keys]
+            if parallel:
+                ids = [e.ids for e in self._hf.encode_batch_fast(chunks, add_special_tokens=False)]
+            else:
+                ids = [self._hf.encode(c, add_special_tokens=False).ids for c in chunks]
+            cache.update(zip(keys, map(tuple, ids)))
+        encoded = []
+        for pieces in split:
+            ids = list(cache[(pieces[0],)])
+            for piece in itertools.islice(pieces, 1, None):
+                ids += cache[piece]
+            encoded.append(ids)
+        return encoded
 
     def decode(self, ids) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)

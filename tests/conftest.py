@@ -2,6 +2,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# The tests' models are tiny: one thread avoids the threading overhead that dominates small matmuls (and
+# keeps timings steady when the machine is busy). Subprocesses get the same through OMP_NUM_THREADS=1.
+torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import pre_tokenizers, trainers
 
+from nanopipe import tokenizer as tokenizer_module
 from nanopipe.common import UserError, get_base_dir
 from nanopipe.tokenizer import (CHUNK_BOUNDARY, SPECIAL_TOKENS, Tokenizer, _new_hf_tokenizer, chunk_feed,
                                 count_chunks_into, get_tokenizer, sample_chunks, trainer_feed)
@@ -187,6 +188,16 @@ def test_batch_prepend_append(tok, docs):
         [[tok.bos_token_id] + ids + [tok.encode_special("<|assistant_end|>")] for ids in single]
     assert tok.encode("abc", prepend=tok.bos_token_id) == [tok.bos_token_id] + tok.encode("abc")
     assert tok.encode([]) == []
+
+
+def test_chunk_cache_gives_the_direct_encoding(tok, docs, monkeypatch):
+    """encode() tokenizes distinct chunks once and reuses them; the ids equal tokenizing each whole text."""
+    texts = docs[:50] + [" x", "\x00a b \x00a", "", "   ", "a\x00 \x00b", "a", " a"]
+    direct = [e.ids for e in tok._hf.encode_batch_fast(texts, add_special_tokens=False)]
+    monkeypatch.setattr(tokenizer_module, "ENCODE_CACHE_CHUNKS", 100)  # forces the cache to be cleared
+    assert tok.encode(texts) == direct
+    assert tok.encode(texts) == direct
+    assert tok.encode(texts, num_threads=1) == direct
 
 
 def test_token_bytes_counts_raw_bytes_of_partial_utf8_tokens(tok):
