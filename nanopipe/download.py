@@ -36,6 +36,10 @@ class DownloadError(Exception):
         self.reason = reason
 
 
+class _Cancelled(BaseException):
+    """Raised inside a worker when the user interrupted download_many (a BaseException: no retry catches it)."""
+
+
 class _Retry(Exception):
     """Internal: this attempt failed in a way worth retrying; `wait` is the server's Retry-After, if any."""
 
@@ -233,12 +237,18 @@ def download_many(jobs, workers=4, show_progress=True, **kwargs):
     bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress,
                desc=f"0/{len(jobs)} files")
     lock = threading.Lock()
+    stop = threading.Event()
     done = 0
+
+    def progress(nbytes):
+        if stop.is_set():
+            raise _Cancelled  # unwinds this transfer; its partial file stays for a later resume
+        bar.update(nbytes)
 
     def run(job):
         nonlocal done
         try:
-            nbytes = download_file(job.url, job.dest, verify=job.verify, progress=bar.update, **kwargs)
+            nbytes = download_file(job.url, job.dest, verify=job.verify, progress=progress, **kwargs)
             result = DownloadResult(job, ok=True, nbytes=nbytes, skipped=nbytes == 0)
         except DownloadError as e:
             result = DownloadResult(job, ok=False, reason=e.reason)
@@ -250,8 +260,16 @@ def download_many(jobs, workers=4, show_progress=True, **kwargs):
         return result
 
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+    try:
         summary.results = list(pool.map(run, jobs))
+    except KeyboardInterrupt:
+        # Ctrl-C: queued files never start, running ones stop at their next chunk
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        bar.close()
+        raise
+    pool.shutdown()
     summary.seconds = time.perf_counter() - t0
     bar.close()
     return summary

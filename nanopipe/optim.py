@@ -1,6 +1,6 @@
 """Optimizers: Muon for the 2-D weights inside the blocks, AdamW for embeddings, lm_head and scalars.
 
-Muon (REFERENCE §2.2) takes the Nesterov momentum of the gradient, replaces it by its nearest
+Muon (as in nanochat and modded-nanogpt) takes the Nesterov momentum of the gradient, replaces it by its nearest
 semi-orthogonal matrix (Polar Express iterations), rescales rows/columns by a factored second moment
 (NorMuon), and applies it with a shape-aware LR and cautious weight decay. Both optimizers are plain
 local torch.optim optimizers: under torchrun, DistributedDataParallel has already averaged the gradients.
@@ -110,7 +110,7 @@ class Muon(torch.optim.Optimizer):
 
 def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
                      weight_decay=0.0, adam_betas=(0.8, 0.95), muon_momentum=0.95) -> list[torch.optim.Optimizer]:
-    """[AdamW, Muon] over the model's parameters, grouped as nanochat does (REFERENCE §2.2).
+    """[AdamW, Muon] over the model's parameters, grouped as nanochat does.
 
     AdamW LRs of the embedding/head matrices scale with 1/sqrt(d_model / 768) (a wider model needs smaller
     steps per coordinate); Muon's update is already normalised, and the scalars are width-independent.

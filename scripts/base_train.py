@@ -1,4 +1,4 @@
-"""Pretrain the base model. --depth sizes everything (REFERENCE §2.3): width, heads, tokens, batch, LRs, WD.
+"""Pretrain the base model. --depth sizes everything as nanochat does: width, heads, tokens, batch, LRs, WD.
 
     python -m scripts.base_train --depth 12 --max-seq-len 1024 --device-batch-size 64
     torchrun --standalone --nproc_per_node=2 -m scripts.base_train --depth 12      # DDP (gloo on CPU)
@@ -111,7 +111,7 @@ def valid_device_batch_sizes(total_batch: int, seq_len: int, world: int) -> list
 
 
 def make_plan(args, config, world_size: int) -> dict:
-    """Batch size, steps, LR scale and weight decay for this depth (REFERENCE §2.3)."""
+    """Batch size, steps, LR scale and weight decay for this depth, derived as nanochat's base_train does."""
     scaling_params = scaling_params_of(config)
     reference = config_from_depth(REFERENCE_DEPTH, config.vocab_size, config.sequence_len)
     d_ref = REFERENCE_RATIO * scaling_params_of(reference)

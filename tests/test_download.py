@@ -8,6 +8,8 @@ is sent), corrupt bytes, servers that ignore Range; anything it does not have is
 import hashlib
 import io
 import json
+import os
+import signal
 import socket
 import struct
 import threading
@@ -72,6 +74,12 @@ class FaultServer:
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
+                if fault == "slow":  # a crawling transfer, for interrupting
+                    for i in range(0, len(body), 256):
+                        self.wfile.write(body[i:i + 256])
+                        self.wfile.flush()
+                        time.sleep(0.05)
+                    return
                 if fault in ("reset", "truncate"):
                     self.wfile.write(body[: len(body) // 2])
                     if fault == "reset":  # abortive close: the client sees ECONNRESET mid-body
@@ -289,3 +297,19 @@ def test_chat_data_and_eval_bundle(server, base, monkeypatch):
     monkeypatch.setenv("NANOPIPE_EVAL_BUNDLE", str(base / "elsewhere"))
     with pytest.raises(UserError, match="NANOPIPE_EVAL_BUNDLE"):
         dataset.get_eval_bundle_dir("fineweb-edu")
+
+
+def test_ctrl_c_stops_download_many_promptly(server, tmp_path):
+    for i in range(3):
+        server.files[f"/f{i}"] = SHARD
+        server.faults[f"/f{i}"] = ["slow"]
+    jobs = [DownloadJob(server.url(f"/f{i}"), tmp_path / f"f{i}") for i in range(3)]
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        download_many(jobs, workers=1, show_progress=False, **FAST)
+    assert time.monotonic() - t0 < 3
+    time.sleep(0.3)  # the running transfer unwinds at its next chunk
+    assert [entry[0] for entry in server.log] == ["/f0"]   # queued files never started
+    assert not (tmp_path / "f0").exists()                  # nothing half-done was renamed into place

@@ -46,7 +46,7 @@ def test_param_counts_match_reference_table(depth, total, scaling):
 def test_flops_per_token_matches_reference_d12():
     with torch.device("meta"):
         model = GPT(config_from_depth(12, 32768, max_seq_len=1024))
-    # REFERENCE §2.1: 7.74e8 for d12 at T=1024 with full attention
+    # nanochat's estimate_flops: 7.74e8 for d12 at T=1024 with full attention
     assert model.flops_per_token() == 6 * 110_101_632 + 12 * 12 * 6 * 128 * 1024
     assert round(model.flops_per_token() / 1e6) == 774
 
