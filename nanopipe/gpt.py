@@ -1,6 +1,6 @@
 """The GPT model: a decoder-only transformer whose every size follows from --depth.
 
-The block is nanochat's (its nanochat fork run on the DGX Spark, 2026-02):
+The block is nanochat's, as in the fork that ran the DGX Spark speedrun:
 - token embedding, then a weightless RMSNorm; its output x0 is mixed back in before every block
   through learnable per-layer scalars (x = resid_lambda * x + x0_lambda * x0)
 - pre-norm blocks: attention (RoPE, then QK-norm, causal SDPA) and a 4x ReLU² MLP; no biases, no dropout

@@ -1,8 +1,8 @@
 """Optimizers: Muon for the 2-D weights inside the blocks, AdamW for embeddings, lm_head and scalars.
 
-Muon (as in nanochat and modded-nanogpt) takes the Nesterov momentum of the gradient, replaces it by its nearest
-semi-orthogonal matrix (Polar Express iterations), rescales rows/columns by a factored second moment
-(NorMuon), and applies it with a shape-aware LR and cautious weight decay. Both optimizers are plain
+Muon (as in nanochat and modded-nanogpt) takes the Nesterov momentum of the gradient, replaces it by its
+nearest semi-orthogonal matrix (Polar Express iterations), rescales rows/columns by a factored second
+moment (NorMuon), and applies it with a shape-aware LR and cautious weight decay. Both optimizers are plain
 local torch.optim optimizers: under torchrun, DistributedDataParallel has already averaged the gradients.
 Every param group records `initial_lr` so the training loop's schedule can scale `lr` from it.
 """

@@ -183,8 +183,11 @@ def core_label(data: dict | None) -> str:
 
 def summary_rows(sections: dict) -> list[tuple[str, str, str]]:
     """(metric, BASE, SFT) rows; BASE comes from the base-model stages, SFT from the SFT stages."""
+    val_bpb = _get(sections, "base_eval", "bpb", "val")
+    if val_bpb is None:
+        val_bpb = _get(sections, "base_train", "val_bpb")
     rows = [
-        ("val bpb", _fmt(_get(sections, "base_train", "val_bpb")), DASH),
+        ("val bpb", _fmt(val_bpb), DASH),
         (core_label(sections.get("base_eval", {}).get("data")), _fmt(_get(sections, "base_eval", "core")), DASH),
     ]
     chat_tasks = []
@@ -197,7 +200,7 @@ def summary_rows(sections: dict) -> list[tuple[str, str, str]]:
                      _fmt(_get(sections, "chat_eval_sft", "tasks", name, "accuracy"))))
     rows.append(("ChatCORE", _fmt(_get(sections, "chat_eval_base", "chatcore")),
                  _fmt(_get(sections, "chat_eval_sft", "chatcore"))))
-    rows.append(("train loss (final)", _fmt(_get(sections, "base_train", "train_loss")),
+    rows.append(("train loss (final)", _fmt(_get(sections, "base_train", "final_train_loss")),
                  _fmt(_get(sections, "chat_sft", "train_loss"))))
     rows.append(("val loss (SFT conversations)", DASH, _fmt(_get(sections, "chat_sft", "val_loss"))))
     mfu_base, mfu_sft = _get(sections, "base_train", "mfu"), _get(sections, "chat_sft", "mfu")

@@ -11,9 +11,7 @@ per step) and the base_train report section.
 
 import argparse
 import contextlib
-import json
 import math
-import resource
 import time
 from dataclasses import asdict
 
@@ -23,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nanopipe.checkpoint import (checkpoint_root, find_last_step, load_checkpoint, rng_state, save_checkpoint,
-                                 set_rng_state, step_dir, update_meta)
+                                 set_rng_state, update_meta)
 from nanopipe.common import (UserError, autodetect_device, autodetect_dtype, cleanup_distributed, format_duration,
                              get_base_dir, init_distributed, peak_flops, print0, seed_everything)
 from nanopipe.dataloader import PretrainLoader
@@ -33,6 +31,7 @@ from nanopipe.loss_eval import evaluate_bpb
 from nanopipe.optim import setup_optimizers
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import get_tokenizer
+from nanopipe.training import MetricLog, check_finite, muon_momentum, peak_memory_mb, read_log, series_from_log
 
 # the reference point of every depth-derived hyperparameter: d12 at ratio 10.5 trained with 2^19-token batches
 REFERENCE_DEPTH = 12
@@ -165,11 +164,6 @@ def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ra
     return progress + (1 - progress) * final_frac
 
 
-def muon_momentum(it: int) -> float:
-    frac = min(it / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
 def apply_schedules(optimizers, it, num_iterations, args, weight_decay):
     lrm = lr_multiplier(it, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     adamw, muon = optimizers
@@ -180,75 +174,6 @@ def apply_schedules(optimizers, it, num_iterations, args, weight_decay):
         group["momentum"] = muon_momentum(it)
         group["weight_decay"] = weight_decay * (1 - it / num_iterations)
     return lrm
-
-
-# ---------------------------------------------------------------------------------------------
-# logging
-
-class MetricLog:
-    """logs/<tag>.jsonl (rank 0), plus TensorBoard / wandb when asked for."""
-
-    def __init__(self, path, resume_step, args, tag, enabled):
-        self.path = path
-        self.enabled = enabled
-        self.tb = self.wandb = None
-        if not enabled:
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # a fresh run starts a fresh log; a resumed one drops lines past its checkpoint (they will be redone)
-        kept = [r for r in read_log(path) if r["step"] <= resume_step] if resume_step > 0 else []
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        if args.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-            self.tb = SummaryWriter(str(get_base_dir() / "logs" / "tensorboard" / tag))
-        if args.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise UserError("--wandb needs the wandb package: pip install wandb (or drop --wandb)") from None
-            self.wandb = wandb.init(project="nanopipe", name=args.wandb, config=vars(args), resume="allow")
-
-    def write(self, record: dict):
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                   and k != "step"}
-        if self.tb is not None:
-            for key, value in numbers.items():
-                self.tb.add_scalar(key, value, record["step"])
-            self.tb.flush()
-        if self.wandb is not None:
-            self.wandb.log(numbers, step=record["step"])
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def read_log(path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut by a kill
-            pass
-    return records
-
-
-def peak_memory_mb(device) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,11 +297,8 @@ def train(args, stage):
             if it == 0 and abs(train_loss - math.log(config.vocab_size)) > INITIAL_LOSS_TOLERANCE:
                 raise UserError(f"initial loss {train_loss:.3f} is far from ln(vocab) = {math.log(config.vocab_size):.3f}: "
                                 f"an init or data bug (check the tokenizer and dataset {data_name})")
-            if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-                where = (f"last good checkpoint: {step_dir(ckpt_dir, saved_step)} (continue it with --resume)"
-                         if saved_step is not None else "no checkpoint was saved yet")
-                raise UserError(f"training diverged at step {step}: loss {train_loss}, grad norm {grad_norm}; lower the "
-                                f"LRs (--matrix-lr/--embedding-lr/--unembedding-lr) or check the data; {where}")
+            check_finite(step, train_loss, grad_norm, ckpt_dir, saved_step,
+                         "--matrix-lr/--embedding-lr/--unembedding-lr")
             spike = it >= 10 and grad_norm > SPIKE_FACTOR * loop["grad_norm_ema"]
             skipped = spike and args.skip_spikes
             if not skipped:
@@ -579,11 +501,8 @@ def write_report(stage, args, model, plan, loop, final, samples, device, peak, w
     lines.append(f"| train time | {format_duration(data['train_seconds'])} |")
     if samples:
         lines += ["", "Samples (greedy):", ""] + [f"    {s!r}" for s in samples]
-    series = {
-        "train_loss": {"x": [s for s, _ in train_pts], "y": [v for _, v in train_pts], "xlabel": "step",
-                       "ylabel": "train loss"},
-        "val_bpb": {"x": [s for s, _ in val_pts], "y": [v for _, v in val_pts], "xlabel": "step", "ylabel": "val bpb"},
-    }
+    series = {"train_loss": series_from_log(records, "loss", "train loss"),
+              "val_bpb": series_from_log(records, "val_bpb", "val bpb")}
     stage.report("\n".join(lines), data, series)
 
 

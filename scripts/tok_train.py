@@ -14,9 +14,9 @@ import time
 from tqdm import tqdm
 
 from nanopipe.common import UserError, get_base_dir, print0
-from nanopipe.dataset import default_data_name, iter_documents
+from nanopipe.dataset import default_data_name, iter_documents, list_shards
 from nanopipe.stage import Stage
-from nanopipe.tokenizer import DEFAULT_VOCAB_SIZE, Tokenizer
+from nanopipe.tokenizer import DEFAULT_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
 
 
 def parse_args(argv=None):
@@ -28,6 +28,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.max_chars < 1 or args.doc_cap < 1:
         parser.error("--max-chars and --doc-cap must be positive")
+    if args.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        parser.error(f"--vocab-size must be more than 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
     return args
 
 
@@ -41,13 +43,16 @@ def training_texts(name, max_chars, doc_cap, totals, progress):
         progress.update(len(text))
         yield text
         if totals["chars"] >= max_chars:
-            return
+            break
+    progress.close()
+    print0(f"read {totals['chars']:,} chars; learning the BPE merges")
 
 
 def main(argv=None):
     args = parse_args(argv)
     with Stage("tok_train", args) as stage:
         name = default_data_name(args.data)
+        list_shards(name)  # fail before the progress bar if the dataset is missing
         totals = {"docs": 0, "chars": 0, "bytes": 0}
         stats = {}
         start = time.perf_counter()
@@ -66,14 +71,16 @@ def main(argv=None):
         data = {"vocab_size": tokenizer.vocab_size, "data": name, "docs": totals["docs"], "chars": totals["chars"],
                 "bytes": totals["bytes"], "train_seconds": round(seconds, 2), "mb_per_sec": round(mb_per_sec, 2),
                 "chunks": stats["chunks"], "distinct_chunks": stats["distinct_chunks"], "feed_scale": stats["feed_scale"]}
-        scale = "every chunk (exact BPE)" if stats["feed_scale"] == 1 else \
-            f"1/{stats['feed_scale']} of the chunk occurrences, stratified (systematic sample over sorted chunks)"
+        scale = "every chunk occurrence (exact BPE)" if stats["feed_scale"] == 1 else \
+            f"1/{stats['feed_scale']} of the chunk occurrences, sampled per chunk-prefix stratum"
         md = "\n".join([
             "| | |", "|---|---|",
             f"| vocab size | {tokenizer.vocab_size:,} (9 special tokens) |",
             f"| dataset | `{name}`, train split |",
-            f"| text | {totals['chars']:,} chars, {totals['bytes']:,} bytes, {totals['docs']:,} docs (cap {args.doc_cap:,} chars each) |",
-            f"| chunks | {stats['chunks']:,} ({stats['distinct_chunks']:,} distinct); trainer fed {scale} |",
+            f"| text | {totals['chars']:,} chars, {totals['bytes']:,} bytes, {totals['docs']:,} docs "
+            f"(cap {args.doc_cap:,} chars each) |",
+            f"| chunks | {stats['chunks']:,} ({stats['distinct_chunks']:,} distinct per partition, summed); "
+            f"BPE trainer fed {scale} |",
             f"| training time | {seconds:.1f} s ({mb_per_sec:.1f} MB/s) |",
             f"| saved to | `{out}` |",
         ])

@@ -84,7 +84,7 @@ def test_vocab_layout(tok):
 
 
 def test_chunk_training_is_exact_bpe(docs):
-    """Below a million chunks every chunk is fed (k = 1): the result equals the plain HF trainer on the raw text."""
+    """Below two million chunks every chunk is fed (k = 1): the result equals the plain HF trainer on the raw text."""
     ours = Tokenizer.train(iter(docs), vocab_size=1200)
     plain = _new_hf_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=1200 - 9, show_progress=False,
@@ -98,7 +98,9 @@ def test_training_is_deterministic(docs, tok):
     assert again._hf.to_str() == tok._hf.to_str()
 
 
-chunk_text = st.text(alphabet=st.sampled_from(list(" \t\n\r\x0b\x0c\x1c\x85\xa0\u2009\u3000aZé中1'.,-(")), max_size=40) | st.text(max_size=40)
+# whitespace of every kind (incl. \x1c, which only Python calls a space) next to letters, digits and punctuation
+chunk_text = st.text(st.sampled_from(list(" \t\n\r\x0b\x0c\x1c\x85\xa0\u2009\u3000aZé中1'.,-(")), max_size=40) \
+    | st.text(max_size=40)
 
 
 @settings(max_examples=300, deadline=None)
@@ -120,6 +122,19 @@ def test_feed_does_not_depend_on_the_number_of_processes(docs):
     assert sorted("".join(serial)) == sorted("".join(docs))  # k = 1: every character fed exactly once
 
 
+def test_errors_in_counting_processes_reach_the_caller(docs, monkeypatch):
+    def failing_count(texts, body, heads):
+        if any("BOOM" in t for t in texts):
+            raise ValueError("boom")
+        count_chunks_into(texts, body, heads)
+
+    monkeypatch.setattr(tokenizer_module, "count_chunks_into", failing_count)  # the forked helpers inherit it
+    with pytest.raises(ValueError, match="boom"):
+        chunk_feed(iter(docs + ["BOOM"] + docs), num_workers=2, batch_chars=20_000)
+    with pytest.raises(TypeError, match="must be str"):  # a bad text from the iterator, read by this process
+        chunk_feed(iter(docs + [None]), num_workers=2, batch_chars=20_000)
+
+
 def test_sampling_keeps_totals_and_rounding():
     counts = Counter({w: c for w, c in zip(["the", "then", "there", "thx", "a", "ab", "abc", "zzz", "q", "qq"],
                                            [1, 1, 1, 5, 9, 17, 2, 1, 64, 3])})
@@ -132,6 +147,21 @@ def test_sampling_keeps_totals_and_rounding():
             assert sum(n for c, n in copies.items() if c[:3] == prefix) == \
                 sum(n for c, n in counts.items() if c[:3] == prefix) // k
     assert dict(sample_chunks(Counter({"the": 3, "then": 3, "there": 2}), 4)) == {"then": 1, "there": 1}
+
+
+def test_sampled_training_stays_close_to_exact(docs, monkeypatch):
+    """Large corpora feed the trainer 1/8 of the chunk occurrences; forced here on a small one."""
+    held_out, train = docs[::10], [d for i, d in enumerate(docs) if i % 10]
+    exact = Tokenizer.train(iter(train), vocab_size=1000)
+    monkeypatch.setattr(tokenizer_module, "FEED_CHUNKS_MIN", 1000)
+    stats = {}
+    fed = chunk_feed(iter(train), stats=stats)
+    assert stats["feed_scale"] == 8 and 0.1 < sum(map(len, fed)) / sum(map(len, train)) < 0.14
+    sampled = Tokenizer.train(iter(train), vocab_size=1000)
+    assert Tokenizer.train(iter(train), vocab_size=1000)._hf.to_str() == sampled._hf.to_str()  # deterministic
+    size = sum(len(d.encode("utf-8")) for d in held_out)
+    exact_bpt, sampled_bpt = (size / sum(map(len, t.encode(held_out))) for t in (exact, sampled))
+    assert sampled_bpt > 0.97 * exact_bpt  # -1.3 % at this tiny scale; -0.06 % on 65 M chars of real text
 
 
 def test_trainer_feed_reproduces_the_text_pretokens(tok):
@@ -188,16 +218,6 @@ def test_batch_prepend_append(tok, docs):
         [[tok.bos_token_id] + ids + [tok.encode_special("<|assistant_end|>")] for ids in single]
     assert tok.encode("abc", prepend=tok.bos_token_id) == [tok.bos_token_id] + tok.encode("abc")
     assert tok.encode([]) == []
-
-
-def test_chunk_cache_gives_the_direct_encoding(tok, docs, monkeypatch):
-    """encode() tokenizes distinct chunks once and reuses them; the ids equal tokenizing each whole text."""
-    texts = docs[:50] + [" x", "\x00a b \x00a", "", "   ", "a\x00 \x00b", "a", " a"]
-    direct = [e.ids for e in tok._hf.encode_batch_fast(texts, add_special_tokens=False)]
-    monkeypatch.setattr(tokenizer_module, "ENCODE_CACHE_CHUNKS", 100)  # forces the cache to be cleared
-    assert tok.encode(texts) == direct
-    assert tok.encode(texts) == direct
-    assert tok.encode(texts, num_threads=1) == direct
 
 
 def test_token_bytes_counts_raw_bytes_of_partial_utf8_tokens(tok):
@@ -354,6 +374,8 @@ def test_tok_train_and_tok_eval_stages(docs, tmp_path, capsys):
     assert set(bpt) == {"tiny val", "prose", "code", "math", "numbers", "non-english"}
     assert 1.0 < section["data"]["val_bytes_per_token"] == bpt["tiny val"]["ours"] < 6
     assert "| code |" in (report_dir() / "sections" / "02-tok_eval.md").read_text()
+    for label in ("GPT-2", "GPT-4"):  # compared when loadable offline, else named as missing: one or the other
+        assert (label in section["data"]["baselines_missing"]) != (label in bpt["prose"])
 
     with pytest.raises(SystemExit) as exit_info:  # too little text for the vocab: a UserError, not a traceback
         tok_train.main(["--data", "tiny", "--vocab-size", "30000", "--max-chars", "1000"])
