@@ -9,11 +9,16 @@
 if [ -n "${VIRTUAL_ENV:-}" ]; then PY=python; else PY="$PWD/.venv/bin/python"; fi
 export PYTHONUNBUFFERED=1
 
-start_run() {  # start_run NAME: set RUN_DIR; FRESH=1 (or a first run) resets the markers and the report
+start_run() {  # start_run NAME TAG: set RUN_DIR; a first run resets the report; FRESH=1 starts over
     RUN_DIR="$NANOPIPE_BASE_DIR/runs/$1"
     RUN_START=$(date +%s)
     if [ "${DRY_RUN:-0}" = "1" ]; then return 0; fi
-    if [ "${FRESH:-0}" = "1" ]; then rm -rf "$RUN_DIR"; fi
+    if [ "${FRESH:-0}" = "1" ]; then
+        # the markers, and the model tag's checkpoints and logs (data and tokenizer are kept: rebuilding
+        # them gives the same bytes); otherwise --resume would continue the old run
+        rm -rf "$RUN_DIR" "$NANOPIPE_BASE_DIR/checkpoints/base/$2" "$NANOPIPE_BASE_DIR/checkpoints/sft/$2" \
+               "$NANOPIPE_BASE_DIR/logs/$2.jsonl" "$NANOPIPE_BASE_DIR/logs/sft-$2.jsonl"
+    fi
     if [ ! -d "$RUN_DIR" ]; then
         mkdir -p "$RUN_DIR"
         $PY -m nanopipe.report reset

@@ -7,8 +7,9 @@
 # -> chat eval (with and without the calculator) -> report/report.md. About 20 minutes on 2 CPU cores.
 #
 # Rerunning continues where it stopped: finished steps are skipped and training resumes from its last
-# checkpoint (kill it at any point and run it again). FRESH=1 starts over.
-# Overrides: NANOPIPE_BASE_DIR (default ~/.cache/nanopipe), DEPTH, BASE_STEPS, SFT_STEPS, SKIP_SETUP=1.
+# checkpoint (kill it at any point and run it again). FRESH=1 starts over (new checkpoints and report).
+# Overrides: NANOPIPE_BASE_DIR (default ~/.cache/nanopipe), NANOPIPE_REPORT_DIR, DEPTH, VOCAB, SEQ_LEN,
+# BASE_STEPS, SFT_STEPS, OMP_NUM_THREADS (default 1), SKIP_SETUP=1 (skip runs/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,14 +20,16 @@ source runs/common.sh
 export NANOPIPE_BASE_DIR="${NANOPIPE_BASE_DIR:-$HOME/.cache/nanopipe}"
 export NANOPIPE_DATA=synthetic
 export NANOPIPE_DEVICE="${NANOPIPE_DEVICE:-cpu}"
+# one thread per process: these models are small, and two threads on two busy cores ran 2-4x slower here
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 DEPTH="${DEPTH:-4}"
 VOCAB="${VOCAB:-2048}"
 SEQ_LEN="${SEQ_LEN:-256}"
-BASE_STEPS="${BASE_STEPS:-300}"
+BASE_STEPS="${BASE_STEPS:-200}"
 SFT_STEPS="${SFT_STEPS:-150}"
 TAG="d$DEPTH"
 
-start_run "cpu_$TAG"
+start_run "cpu_$TAG" "$TAG"
 echo "nanopipe CPU speedrun: depth $DEPTH, seq $SEQ_LEN, vocab $VOCAB, $BASE_STEPS pretraining + $SFT_STEPS SFT steps"
 echo "base dir: $NANOPIPE_BASE_DIR"
 
@@ -35,6 +38,7 @@ step tok_train   $PY -m scripts.tok_train --vocab-size "$VOCAB"
 step tok_eval    $PY -m scripts.tok_eval
 step base_train  $PY -m scripts.base_train --depth "$DEPTH" --head-dim 64 --max-seq-len "$SEQ_LEN" \
                      --device-batch-size 16 --total-batch-size 8192 --num-iterations "$BASE_STEPS" \
+                     --matrix-lr 0.06 --embedding-lr 1.0 --unembedding-lr 0.02 \
                      --warmup-ratio 0.02 --warmdown-ratio 0.4 --eval-every 50 --eval-tokens 65536 \
                      --save-every 25 --sample-every -1 --core-metric-every -1 --resume
 step base_eval   $PY -m scripts.base_eval --device-batch-size 16 --split-tokens 65536

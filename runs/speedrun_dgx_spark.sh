@@ -132,7 +132,7 @@ if [ "$DRY_RUN" != "1" ]; then
     exec 9>"$NANOPIPE_BASE_DIR/runs/.lock"
     flock -n 9 || die "another speedrun (or its background download) is using $NANOPIPE_BASE_DIR: wait for it or stop it"
 fi
-start_run "dgx_spark_$MODEL_TAG"
+start_run "dgx_spark_$MODEL_TAG" "$MODEL_TAG"
 
 compile_flag=()
 if [ "$COMPILE" = "1" ]; then compile_flag=(--compile); fi

@@ -131,7 +131,7 @@ if [ "$DRY_RUN" != "1" ]; then
     exec 9>"$NANOPIPE_BASE_DIR/runs/.lock"
     flock -n 9 || die "another speedrun (or its background download) is using $NANOPIPE_BASE_DIR: wait for it or stop it"
 fi
-start_run "gpu_$MODEL_TAG"
+start_run "gpu_$MODEL_TAG" "$MODEL_TAG"
 
 torchrun=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")  # = torchrun, from this venv
 compile_flag=()

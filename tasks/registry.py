@@ -49,7 +49,9 @@ SFT_MIXTURES = {
 
 
 def parse_mixture(spec: str) -> list[tuple[str, float]]:
-    """"smoltalk,gsm8k:2" -> [("smoltalk", 1.0), ("gsm8k", 2.0)]; unknown names raise ValueError."""
+    """"smoltalk,gsm8k:2" -> [("smoltalk", 1.0), ("gsm8k", 2.0)]; a mixture name ("real", "synthetic") stands
+    for its entries; unknown names raise ValueError."""
+    spec = SFT_MIXTURES.get(spec, spec)
     entries = []
     for part in spec.split(","):
         name, _, epochs = part.strip().partition(":")
