@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the speedrun scripts: the python to use, and `step`, which runs a stage once.
 #
 #   step NAME command...   runs the command unless NAME finished in this run already (a marker file in
@@ -21,7 +22,7 @@ start_run() {  # start_run NAME TAG: set RUN_DIR; a first run resets the report;
     fi
     if [ ! -d "$RUN_DIR" ]; then
         mkdir -p "$RUN_DIR"
-        $PY -m nanopipe.report reset
+        "$PY" -m nanopipe.report reset
     fi
 }
 

@@ -9,7 +9,8 @@
 # Rerunning continues where it stopped: finished steps are skipped and training resumes from its last
 # checkpoint (kill it at any point and run it again). FRESH=1 starts over (new checkpoints and report).
 # Overrides: NANOPIPE_BASE_DIR (default ~/.cache/nanopipe), NANOPIPE_REPORT_DIR, DEPTH, VOCAB, SEQ_LEN,
-# BASE_STEPS, SFT_STEPS, OMP_NUM_THREADS (default 1), SKIP_SETUP=1 (skip runs/setup.sh).
+# BASE_STEPS, SFT_STEPS, SAVE_EVERY, CORE_MAX_PER_TASK, CHAT_EVAL_PROBLEMS, OMP_NUM_THREADS (default 1),
+# SKIP_SETUP=1 (skip runs/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,25 +28,30 @@ VOCAB="${VOCAB:-2048}"
 SEQ_LEN="${SEQ_LEN:-256}"
 BASE_STEPS="${BASE_STEPS:-200}"
 SFT_STEPS="${SFT_STEPS:-150}"
+SAVE_EVERY="${SAVE_EVERY:-25}"
+CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:--1}"
+CHAT_EVAL_PROBLEMS="${CHAT_EVAL_PROBLEMS:-100}"
 TAG="d$DEPTH"
 
 start_run "cpu_$TAG" "$TAG"
 echo "nanopipe CPU speedrun: depth $DEPTH, seq $SEQ_LEN, vocab $VOCAB, $BASE_STEPS pretraining + $SFT_STEPS SFT steps"
 echo "base dir: $NANOPIPE_BASE_DIR"
 
-step data        $PY -m nanopipe.dataset synthetic
-step tok_train   $PY -m scripts.tok_train --vocab-size "$VOCAB"
-step tok_eval    $PY -m scripts.tok_eval
-step base_train  $PY -m scripts.base_train --depth "$DEPTH" --head-dim 64 --max-seq-len "$SEQ_LEN" \
+step data        "$PY" -m nanopipe.dataset synthetic
+step tok_train   "$PY" -m scripts.tok_train --vocab-size "$VOCAB"
+step tok_eval    "$PY" -m scripts.tok_eval
+step base_train  "$PY" -m scripts.base_train --depth "$DEPTH" --head-dim 64 --max-seq-len "$SEQ_LEN" \
                      --device-batch-size 16 --total-batch-size 8192 --num-iterations "$BASE_STEPS" \
                      --matrix-lr 0.06 --embedding-lr 1.0 --unembedding-lr 0.02 \
                      --warmup-ratio 0.02 --warmdown-ratio 0.4 --eval-every 50 --eval-tokens 65536 \
-                     --save-every 25 --sample-every -1 --core-metric-every -1 --resume
-step base_eval   $PY -m scripts.base_eval --device-batch-size 16 --split-tokens 65536
-step chat_sft    $PY -m scripts.chat_sft --num-iterations "$SFT_STEPS" --device-batch-size 8 \
-                     --eval-every 50 --val-conversations 200 --save-every 25 --resume
-step chat_eval   $PY -m scripts.chat_eval -i sft --max-problems 100 --max-new-tokens 64 --tool-ablation
-$PY -m nanopipe.report generate
+                     --save-every "$SAVE_EVERY" --sample-every -1 --core-metric-every -1 --resume
+step base_eval   "$PY" -m scripts.base_eval --device-batch-size 16 --split-tokens 65536 \
+                     --max-per-task "$CORE_MAX_PER_TASK"
+step chat_sft    "$PY" -m scripts.chat_sft --num-iterations "$SFT_STEPS" --device-batch-size 8 \
+                     --eval-every 50 --val-conversations 200 --save-every "$SAVE_EVERY" --resume
+step chat_eval   "$PY" -m scripts.chat_eval -i sft --max-problems "$CHAT_EVAL_PROBLEMS" --max-new-tokens 64 \
+                     --tool-ablation
+"$PY" -m nanopipe.report generate
 
 report_dir="${NANOPIPE_REPORT_DIR:-report}"
 echo

