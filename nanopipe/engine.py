@@ -10,6 +10,9 @@ Tool use: tokens a row produces between <|python_start|> and <|python_end|> are 
 following steps instead of sampled tokens (the model never has to predict tool output). `use_tools=False`
 turns this off, for measuring what the calculator is worth.
 
+`greedy_samples` continues a few fixed prompts greedily: the quick look at a base model that base_train and
+base_eval print and report.
+
 On CUDA, callers run generation under bf16 autocast like the rest of inference; the cache then stores bf16.
 """
 
@@ -18,6 +21,16 @@ import torch.nn.functional as F
 
 from nanopipe.execution import calculate
 from nanopipe.gpt import KVCache
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
@@ -131,3 +144,15 @@ class Engine:
                 sequences[i].append(token)
                 masks[i].append(0 if forced else 1)
         return sequences, masks
+
+
+def greedy_samples(model, tokenizer, prompts: list[str], max_tokens: int = 16) -> list[str]:
+    """Each prompt followed by its greedy continuation (at most max_tokens tokens, ending early at <|bos|> or
+    <|assistant_end|>), decoded: what a base model has learned, at a glance."""
+    engine = Engine(model, tokenizer)
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
+        sequences, _ = engine.generate_batch(ids, max_tokens=max_tokens, temperature=0.0)
+        samples.append(tokenizer.decode(sequences[0][1:]))  # the prompt and the continuation, without <|bos|>
+    return samples

@@ -34,40 +34,19 @@
 # assumed 30-45% MFU (PyTorch SDPA attention) that is ~1.2-1.7 h on 8 H100s, ~9-14 h on one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=runs/common.sh
+source runs/common.sh  # step, start_run, and the parts shared with runs/speedrun_dgx_spark.sh
 
-die() { echo "error: $*" >&2; exit 2; }
-warn() { echo "warning: $*" >&2; }
-is_count() { case "$1" in '' | *[!0-9]* | 0*) return 1 ;; esac; }
-
-DRY_RUN=${DRY_RUN:-0}
-DEPTH=${DEPTH:-20}
-SEQ_LEN=${SEQ_LEN:-2048}
-DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-32}
-for var in DEPTH SEQ_LEN DEVICE_BATCH_SIZE; do
-    is_count "${!var}" || die "$var=${!var}: must be a positive whole number"
-done
-# data needed: tokens = 10.5 x scaling params = 10.5 x (12 L w^2 + w x 32768) with width w = 64 L; at ~5 chars
-# per token and ~250M chars per shard, rounded up, plus the val shard (d12: 25 shards, d20: 93)
-plan_tokens=$(( 105 * (12 * DEPTH * (64 * DEPTH) ** 2 + 64 * DEPTH * 32768) / 10 ))
-NUM_SHARDS=${NUM_SHARDS:-$(( plan_tokens * 5 / 250000000 + 2 ))}
-if ! is_count "$NUM_SHARDS" || [ "$NUM_SHARDS" -lt 2 ]; then
-    die "NUM_SHARDS=$NUM_SHARDS: need a whole number of at least 2 (train shards + the val shard)"
-fi
-MODEL_TAG="d$DEPTH"
-export NANOPIPE_BASE_DIR="${NANOPIPE_BASE_DIR:-$HOME/.cache/nanopipe}"
-export OMP_NUM_THREADS=1
+# DEPTH 20, SEQ_LEN 2048, DEVICE_BATCH_SIZE 32 unless set; NUM_SHARDS (what DEPTH's token budget needs), MODEL_TAG
+settings_from_depth 20 2048 32
+COMPILE=${COMPILE:-1}
 
 # ---------------------------------------------------------------------------------------------------------
 # prerequisites: GPUs (how many, and the driver's CUDA version for the wheel index), disk for the shards
 
 gpu_count=
 if [ "${NANOPIPE_SKIP_GPU_CHECK:-0}" != "1" ]; then
-    command -v nvidia-smi >/dev/null \
-        || die "no nvidia-smi on PATH: this script trains on NVIDIA GPUs and none is visible; install the NVIDIA driver, or run \`bash runs/speedrun_cpu.sh\` for the CPU demo (NANOPIPE_SKIP_GPU_CHECK=1 skips this check)"
-    if ! gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>&1) || [ -z "$gpus" ]; then
-        first_line=${gpus%%$'\n'*}
-        die "nvidia-smi sees no GPU (${first_line:-it lists none}): check the driver with \`nvidia-smi\`, or run \`bash runs/speedrun_cpu.sh\` for the CPU demo (NANOPIPE_SKIP_GPU_CHECK=1 skips this check)"
-    fi
+    list_gpus
     gpu_count=$(echo "$gpus" | wc -l)
     echo "GPUs: $gpu_count x $(echo "$gpus" | head -n 1)"
     case "$gpus" in *GB10*) warn "a DGX Spark: runs/speedrun_dgx_spark.sh has the settings (and CUDA 13 set-up) for it" ;; esac
@@ -94,77 +73,28 @@ if [ -n "$gpu_count" ] && [ "$NPROC" -gt "$gpu_count" ]; then
 fi
 DOLLARS_PER_HOUR=${DOLLARS_PER_HOUR:-$((3 * NPROC))}
 
-data_dir="$NANOPIPE_BASE_DIR/data/fineweb-edu"
-shards_present=0
-for f in "$data_dir"/shard_*.parquet; do
-    if [ -e "$f" ]; then shards_present=$((shards_present + 1)); fi
-done
-# ~100 MB per missing shard, plus 40 GB for checkpoints (d20: ~10 GB each), chat data and the eval bundle
-need_gb=$(( ( (NUM_SHARDS > shards_present ? NUM_SHARDS - shards_present : 0) * 100 + 999) / 1000 + 40 ))
-disk_dir="$NANOPIPE_BASE_DIR"
-while [ ! -d "$disk_dir" ]; do disk_dir=$(dirname "$disk_dir"); done
-free_gb=$(( $(df -Pk "$disk_dir" | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
-[ "$free_gb" -ge "$need_gb" ] \
-    || die "not enough disk: $NUM_SHARDS FineWeb-Edu shards ($shards_present present) and checkpoints need ~$need_gb GB in $NANOPIPE_BASE_DIR, $disk_dir has $free_gb GB free; free some space, point NANOPIPE_BASE_DIR at a bigger disk, or lower NUM_SHARDS"
+check_disk 40  # GB for checkpoints (d20: ~10 GB each), chat data and the eval bundle, besides the missing shards
 
 # ---------------------------------------------------------------------------------------------------------
 # python environment, then the run
 
-if [ "${SKIP_SETUP:-0}" = "1" ]; then
-    echo "== setup: skipped (SKIP_SETUP=1)"
-elif [ "$DRY_RUN" = "1" ]; then
-    echo "== setup: ${NANOPIPE_TORCH_INDEX:+NANOPIPE_TORCH_INDEX=$NANOPIPE_TORCH_INDEX }bash runs/setup.sh"
-else
-    bash runs/setup.sh
-fi
-# shellcheck source=runs/common.sh
-source runs/common.sh
-if [ "$DRY_RUN" != "1" ]; then
-    command -v "$PY" >/dev/null || die "no python at $PY: run \`bash runs/setup.sh\` (or activate your virtualenv) first"
-    if [ "${NANOPIPE_SKIP_GPU_CHECK:-0}" != "1" ]; then
-        "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' \
-            || die "the torch in $PY cannot use the GPU ($("$PY" -c 'import torch; print("torch", torch.__version__, "built for CUDA", torch.version.cuda)')): reinstall it with \`$PY -m pip install --force-reinstall torch --index-url ${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cu128}\`"
-    fi
-    mkdir -p "$NANOPIPE_BASE_DIR/runs"
-    # one run per base dir at a time; the lock is inherited by the background download, so a rerun cannot
-    # start a second download of the same shards while an orphaned one is still going
-    exec 9>"$NANOPIPE_BASE_DIR/runs/.lock"
-    flock -n 9 || die "another speedrun (or its background download) is using $NANOPIPE_BASE_DIR: wait for it or stop it"
-fi
+setup_python "${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cu128}"
+lock_base_dir
 start_run "gpu_$MODEL_TAG" "$MODEL_TAG"
 
 torchrun=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")  # = torchrun, from this venv
-compile_flag=()
-if [ "${COMPILE:-1}" = "1" ]; then compile_flag=(--compile); fi
+train_flags=(--depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size "$DEVICE_BATCH_SIZE" --model-tag "$MODEL_TAG")
+if [ "$COMPILE" = "1" ]; then train_flags+=(--compile); fi
 wandb_flag=()
 if [ -n "${WANDB_RUN:-}" ]; then wandb_flag=(--wandb "$WANDB_RUN"); fi
-train_flags=(--depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size "$DEVICE_BATCH_SIZE" --model-tag "$MODEL_TAG"
-             "${compile_flag[@]}")
 
 echo "== settings: $NPROC GPU process(es), depth $DEPTH (tag $MODEL_TAG), seq $SEQ_LEN, $DEVICE_BATCH_SIZE rows per micro-batch per GPU, $NUM_SHARDS FineWeb-Edu shards, base dir $NANOPIPE_BASE_DIR"
 # a few timed micro-batches: parameters, tokens, FLOPs, tok/s, MFU, memory, ETA; also fails fast on a bad
 # DEVICE_BATCH_SIZE/NPROC combination, an out-of-memory batch or a broken torch.compile, before any download
 step plan "${torchrun[@]}" -m scripts.base_train "${train_flags[@]}" --dry-run
 
-# FineWeb-Edu: the first shards now (the tokenizer trains on them), the rest in the background meanwhile
-data_pid=
-stop_download() { if [ -n "$data_pid" ]; then pkill -P "$data_pid" 2>/dev/null || true; kill "$data_pid" 2>/dev/null || true; fi; }
-trap stop_download EXIT
-trap 'exit 130' INT TERM
-step data_head "$PY" -m nanopipe.dataset download fineweb-edu --num-shards $((NUM_SHARDS < 8 ? NUM_SHARDS : 8))
-if [ "$NUM_SHARDS" -gt 8 ] && [ ! -f "$RUN_DIR/data.done" ]; then
-    step data "$PY" -m nanopipe.dataset download fineweb-edu --num-shards "$NUM_SHARDS" &
-    data_pid=$!
-fi
-step tok_train "$PY" -m scripts.tok_train
-step tok_eval "$PY" -m scripts.tok_eval
-step eval_bundle "$PY" -m nanopipe.dataset eval-bundle
-step chat_data "$PY" -m nanopipe.dataset chat-data
-if [ -n "$data_pid" ]; then
-    echo "== waiting for the FineWeb-Edu download ($NUM_SHARDS shards)"
-    wait "$data_pid" || die "the FineWeb-Edu download failed (messages above): rerun this script to resume it"
-    data_pid=
-fi
+# FineWeb-Edu (the first 8 shards now, the rest in the background), tok_train, tok_eval, eval_bundle, chat_data
+data_and_tokenizer_steps
 
 step base_train "${torchrun[@]}" -m scripts.base_train "${train_flags[@]}" --save-every 500 --core-metric-every -1 \
     --sample-every 1000 "${wandb_flag[@]}" --resume
@@ -172,16 +102,4 @@ step base_eval "${torchrun[@]}" -m scripts.base_eval --model-tag "$MODEL_TAG"
 step chat_sft "${torchrun[@]}" -m scripts.chat_sft --model-tag "$MODEL_TAG" --mixture real
 step chat_eval "${torchrun[@]}" -m scripts.chat_eval -i sft --model-tag "$MODEL_TAG"
 
-# the report is rebuilt on every run, so it always shows the sections present
-report_cmd=("$PY" -m nanopipe.report generate --dollars-per-hour "$DOLLARS_PER_HOUR")
-echo "== report: ${report_cmd[*]}"
-if [ "$DRY_RUN" != "1" ]; then "${report_cmd[@]}"; fi
-
-if [ "$DRY_RUN" = "1" ]; then outcome="dry run over: nothing was run or written"; else outcome="finished in $(elapsed) (this invocation)"; fi
-cat <<EOF
-
-== $outcome
-   report:  ${NANOPIPE_REPORT_DIR:-$PWD/report}/report.md
-   model:   $NANOPIPE_BASE_DIR/checkpoints/sft/$MODEL_TAG (base model: $NANOPIPE_BASE_DIR/checkpoints/base/$MODEL_TAG)
-   chat:    $PY -m scripts.chat_cli --model-tag $MODEL_TAG      (or -p "Why is the sky blue?" for one answer)
-EOF
+finish_run  # report.md, and where the report and the model are

@@ -19,21 +19,12 @@ from nanopipe.common import (autodetect_device, autodetect_dtype, cleanup_distri
 from nanopipe.core_eval import evaluate_core
 from nanopipe.dataloader import PretrainLoader
 from nanopipe.dataset import default_data_name, get_eval_bundle_dir
-from nanopipe.engine import Engine
+from nanopipe.engine import SAMPLE_PROMPTS, greedy_samples
 from nanopipe.loss_eval import evaluate_bpb, evaluate_text
 from nanopipe.report import core_label
 from nanopipe.stage import Stage
 
 EVALS = ("core", "bpb", "sample", "text")
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
 
 
 def parse_args(argv=None):
@@ -108,14 +99,10 @@ def main(argv=None):
                             f"({steps} batches of {args.device_batch_size}x{seq_len} tokens per split and rank, data `{data_name}`)")
 
         if "sample" in args.evals:
-            engine = Engine(model, tokenizer)
-            samples = []
-            for prompt in SAMPLE_PROMPTS:
-                ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
-                with autocast:
-                    sequences, _ = engine.generate_batch(ids, max_tokens=16, temperature=0.0)
-                samples.append(tokenizer.decode(sequences[0][1:]))
-                print0(samples[-1])
+            with autocast:
+                samples = greedy_samples(model, tokenizer, SAMPLE_PROMPTS)
+            for line in samples:
+                print0(line)
             data["samples"] = samples
             sections.append("### Samples (greedy)\n\n" + "\n".join(f"- `{s!r}`" for s in samples))
 

@@ -26,6 +26,7 @@ from nanopipe.common import (UserError, autodetect_device, autodetect_dtype, cle
                              get_base_dir, init_distributed, peak_flops, print0, seed_everything)
 from nanopipe.dataloader import PretrainLoader
 from nanopipe.dataset import default_data_name, get_eval_bundle_dir
+from nanopipe.engine import SAMPLE_PROMPTS, greedy_samples
 from nanopipe.gpt import GPT, build_model, config_from_depth
 from nanopipe.loss_eval import evaluate_bpb
 from nanopipe.optim import setup_optimizers
@@ -39,15 +40,6 @@ REFERENCE_BATCH = 2**19
 REFERENCE_RATIO = 10.5
 INITIAL_LOSS_TOLERANCE = 1.0  # nats away from ln(vocab) at step 1 means an init or data bug
 SPIKE_FACTOR = 5.0  # a grad norm this many times its running average is a spike
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
 
 
 def parse_args(argv=None):
@@ -409,14 +401,8 @@ def core_metric(model, tokenizer, bundle_dir, device, args, autocast):
 
 def sample(model, tokenizer, autocast) -> list[str]:
     """Greedy 16-token continuations of fixed prompts (rank 0): a quick look at what the model learned."""
-    model.eval()
-    lines = []
     with autocast:
-        for prompt in SAMPLE_PROMPTS:
-            ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
-            out = list(model.generate(ids, max_tokens=16))
-            lines.append(prompt + tokenizer.decode(out))
-    model.train()
+        lines = greedy_samples(model, tokenizer, SAMPLE_PROMPTS)
     print("\n" + "\n".join(f"  {line!r}" for line in lines))
     return lines
 

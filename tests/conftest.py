@@ -4,6 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanopipe.gpt import GPTConfig, build_model, config_from_depth
+from nanopipe.synthetic import generate_documents
+from nanopipe.tokenizer import Tokenizer
+
 # The tests' models are tiny: one thread avoids the threading overhead that dominates small matmuls (and
 # keeps timings steady when the machine is busy). Subprocesses get the same through OMP_NUM_THREADS=1.
 torch.set_num_threads(1)
@@ -39,3 +43,29 @@ def subprocess_env(**extra):
     env.setdefault("OMP_NUM_THREADS", "1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A real BPE tokenizer, small (vocab 400), trained on the synthetic world's first documents."""
+    return Tokenizer.train(iter(list(generate_documents(0, 200))), vocab_size=400)
+
+
+def tiny_gpt(vocab=300, depth=2, seq_len=32, seed=0):
+    """A freshly initialised GPT sized from depth as base_train sizes it, at width 32 per layer (depth 2: 64)."""
+    torch.manual_seed(seed)
+    return build_model(config_from_depth(depth, vocab, max_seq_len=seq_len, aspect_ratio=32, head_dim=32), "cpu")
+
+
+def noisy_gpt(tokenizer, seq_len, n_layer=2, noise=0.2, seed=0):
+    """A width-64, 2-head GPT for `tokenizer` in eval mode, its weights shifted by noise * N(0, 1): a fresh init
+    zeroes the output projections, which would make attention a no-op (noise=0 keeps that init)."""
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=seq_len, vocab_size=tokenizer.vocab_size, n_layer=n_layer, n_head=2, n_kv_head=2,
+                       n_embd=64)
+    model = build_model(config, "cpu")
+    if noise:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn_like(p))
+    return model.eval()

@@ -9,15 +9,7 @@ from nanopipe.common import UserError
 from nanopipe.core_eval import (centered_accuracy, crop_left, evaluate_core, evaluate_task,
                                 fewshot_indices, find_spans, load_bundle, prepare_task, render_prompts,
                                 select_items)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread avoids OpenMP barrier stalls (100x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.conftest import noisy_gpt
 
 
 MC = [
@@ -188,24 +180,6 @@ def test_bundle_errors(tmp_path):
 # -----------------------------------------------------------------------------
 # with a real (tiny) tokenizer and model
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from nanopipe.synthetic import generate_documents
-    from nanopipe.tokenizer import Tokenizer
-    return Tokenizer.train(iter(list(generate_documents(0, 200))), vocab_size=400)
-
-
-def tiny_model(tokenizer, seq_len=256, seed=0):
-    from nanopipe.gpt import GPTConfig, build_model
-    torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=seq_len, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
-    model = build_model(config, "cpu")
-    with torch.no_grad():
-        for p in model.parameters():   # random, and not the near-identity of a fresh init
-            p.add_(0.2 * torch.randn_like(p))
-    return model.eval()
-
-
 def test_spans_with_real_tokenizer(tokenizer):
     bos = tokenizer.bos_token_id
     # LM with trailing spaces in the context: the stripped without-prompt is a token prefix of the with-prompt
@@ -248,7 +222,7 @@ def test_batch_size_does_not_change_results(tokenizer, tmp_path):
              for label, task_type, k in [("world_facts_mc", "multiple_choice", 3), ("world_facts_schema", "schema", 0),
                                          ("world_facts_lm", "language_modeling", 5), ("world_arith_lm", "language_modeling", 5)]]
     write_bundle(tmp_path, tasks)
-    model = tiny_model(tokenizer)
+    model = noisy_gpt(tokenizer, seq_len=256)
     bundle_tasks, _ = load_bundle(tmp_path)
     for task in bundle_tasks:
         data = select_items(task.items)
@@ -263,7 +237,7 @@ def test_batch_size_does_not_change_results(tokenizer, tmp_path):
 def test_evaluate_core_on_synthetic_world(tokenizer, tmp_path):
     from nanopipe.synthetic import _write_core_bundle, build_world
     _write_core_bundle(0, build_world(0), tmp_path)
-    model = tiny_model(tokenizer)
+    model = noisy_gpt(tokenizer, seq_len=256)
     result = evaluate_core(model, tokenizer, tmp_path, "cpu", max_per_task=6, batch_size=8)
     tasks, missing = load_bundle(tmp_path)
     assert missing == [] and result["core_tasks"] == result["core_tasks_total"] == len(tasks)
@@ -286,7 +260,7 @@ def test_real_sample_bundle(tokenizer, shared_data):
     by_label = {t.label: t for t in tasks}
     assert by_label["jeopardy"].delimiter == "\nAnswer: " and by_label["jeopardy"].num_fewshot == 10
     assert by_label["bigbench_language_identification"].random_baseline == 9.1
-    model = tiny_model(tokenizer, seq_len=128)
+    model = noisy_gpt(tokenizer, seq_len=128)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = evaluate_core(model, tokenizer, bundle, "cpu", max_per_task=2, batch_size=16)
@@ -316,7 +290,7 @@ def test_ddp_two_ranks_match_one_process(tokenizer, tmp_path):
     from nanopipe.synthetic import _write_core_bundle, build_world
     bundle = tmp_path / "bundle"
     _write_core_bundle(0, build_world(0), bundle)
-    model = tiny_model(tokenizer)
+    model = noisy_gpt(tokenizer, seq_len=256)
     tokenizer.save(tmp_path / "tok")
     torch.save(model, tmp_path / "model.pt")
     with socket.socket() as s:
@@ -337,7 +311,7 @@ def test_shared_prefix_path_matches_full_sequences(tokenizer, tmp_path):
     [task], _ = load_bundle(tmp_path)
     data = select_items(task.items)
     sequences, plan = prepare_task(task, tokenizer, data, range(len(data)), None)
-    model = tiny_model(tokenizer)
+    model = noisy_gpt(tokenizer, seq_len=256)
     bos = tokenizer.bos_token_id
     full = score_sequences(model, sequences, bos, "cpu", batch_size=4)
     for first, count, _ in plan:
@@ -360,7 +334,7 @@ def test_base_eval_script_end_to_end(tokenizer, tmp_path, isolated_dirs):
     from scripts import base_eval
     build_synthetic(num_shards=2)
     tokenizer.save(get_base_dir() / "tokenizer")
-    save_checkpoint(get_base_dir() / "checkpoints" / "base" / "d2", 5, tiny_model(tokenizer, seq_len=64), [], {})
+    save_checkpoint(get_base_dir() / "checkpoints" / "base" / "d2", 5, noisy_gpt(tokenizer, seq_len=64), [], {})
     text = tmp_path / "mine.txt"
     text.write_text("The capital of Quen is Lorv. 12 + 30 = 42.\n")
     base_eval.main(["--data", "synthetic", "--max-per-task", "4", "--device-batch-size", "4", "--split-tokens", "512",

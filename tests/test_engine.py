@@ -1,37 +1,11 @@
 """The engine on tiny real models: a random one (cache vs no cache, sampling) and a "successor" model whose
 next token is a fixed function of the current one, wired to walk through a calculator call."""
 
-import pytest
 import torch
 
-from nanopipe.engine import Engine
+from nanopipe.engine import Engine, greedy_samples
 from nanopipe.gpt import GPTConfig, build_model
-from nanopipe.synthetic import generate_documents
-from nanopipe.tokenizer import Tokenizer
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread avoids OpenMP barrier stalls (100x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.train(iter(list(generate_documents(0, 200))), vocab_size=400)
-
-
-def random_model(tokenizer, seed=0):
-    torch.manual_seed(seed)
-    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.vocab_size, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
-    model = build_model(config, "cpu")
-    with torch.no_grad():
-        for p in model.parameters():   # zero-initialised projections would make attention a no-op
-            p.add_(0.3 * torch.randn_like(p))
-    return model.eval()
+from tests.conftest import noisy_gpt
 
 
 def successor_model(tokenizer, successor: dict[int, int]):
@@ -60,7 +34,7 @@ def naive_greedy(model, tokens, steps):
 
 
 def test_greedy_with_cache_matches_recomputing(tokenizer):
-    model = random_model(tokenizer)
+    model = noisy_gpt(tokenizer, seq_len=64, noise=0.3)
     prompt = tokenizer.encode("The capital of", prepend=tokenizer.bos_token_id)
     engine = Engine(model, tokenizer, use_tools=False)
     streamed = [step[0] for step in engine.generate(prompt, max_tokens=20, temperature=0.0)]
@@ -73,7 +47,7 @@ def test_greedy_with_cache_matches_recomputing(tokenizer):
 
 
 def test_samples_share_one_prefill(tokenizer):
-    model = random_model(tokenizer, seed=1)
+    model = noisy_gpt(tokenizer, seq_len=64, noise=0.3, seed=1)
     prompt = tokenizer.encode("One two three four", prepend=tokenizer.bos_token_id)
     widths = []
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(tuple(args[0].shape)),
@@ -92,7 +66,7 @@ def test_samples_share_one_prefill(tokenizer):
 
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tokenizer):
-    model = random_model(tokenizer, seed=2)
+    model = noisy_gpt(tokenizer, seq_len=64, noise=0.3, seed=2)
     prompt = tokenizer.encode("Hello", prepend=tokenizer.bos_token_id)
     engine = Engine(model, tokenizer)
     a, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.5, seed=7)
@@ -174,3 +148,11 @@ def test_finished_rows_yield_none(tokenizer):
             first_none = column.index(None)
             assert column[first_none - 1] in (bos, tokenizer.encode_special("<|assistant_end|>"))
             assert all(t is None for t in column[first_none:])
+
+
+def test_greedy_samples_are_the_prompt_and_its_continuation_up_to_a_stop(tokenizer):
+    prompt = "The capital of"
+    words = tokenizer.encode(" Quen is Lorv")
+    model = successor_model(tokenizer, chain(tokenizer, tokenizer.encode(prompt)[-1:], words, [tokenizer.bos_token_id]))
+    assert greedy_samples(model, tokenizer, [prompt, prompt], max_tokens=16) == [prompt + " Quen is Lorv"] * 2
+    assert greedy_samples(model, tokenizer, [prompt], max_tokens=2) == [prompt + tokenizer.decode(words[:2])]

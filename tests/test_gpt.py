@@ -3,21 +3,8 @@ import math
 import pytest
 import torch
 
-from nanopipe.gpt import GPT, GPTConfig, KVCache, build_model, chunked_head_loss, config_from_depth, cross_entropy
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls on a shared 2-core box run far faster on one thread than on two contended ones
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_model(vocab=300, depth=2, seq=32, seed=0):
-    torch.manual_seed(seed)
-    return build_model(config_from_depth(depth, vocab, max_seq_len=seq, aspect_ratio=32, head_dim=32), "cpu")
+from nanopipe.gpt import GPT, GPTConfig, KVCache, chunked_head_loss, config_from_depth, cross_entropy
+from tests.conftest import tiny_gpt
 
 
 def test_config_from_depth_rounds_width_up_to_head_dim():
@@ -52,7 +39,7 @@ def test_flops_per_token_matches_reference_d12():
 
 
 def test_forward_shapes_and_dtypes():
-    model = tiny_model()
+    model = tiny_gpt()
     idx = torch.randint(0, 300, (3, 17))
     logits = model(idx)
     assert logits.shape == (3, 17, 300) and logits.dtype == torch.float32  # sliced back from the padded 320
@@ -69,7 +56,7 @@ def test_forward_shapes_and_dtypes():
 
 
 def test_fully_masked_batch_gives_zero_loss_not_nan():
-    model = tiny_model()
+    model = tiny_gpt()
     idx = torch.randint(0, 300, (2, 8))
     loss = model(idx, torch.full_like(idx, -1))
     assert loss.item() == 0.0
@@ -77,14 +64,14 @@ def test_fully_masked_batch_gives_zero_loss_not_nan():
 
 def test_initial_loss_is_log_vocab():
     for vocab in (300, 4096):
-        model = tiny_model(vocab=vocab)
+        model = tiny_gpt(vocab=vocab)
         idx = torch.randint(0, vocab, (4, 32))
         loss = model(idx, torch.randint(0, vocab, (4, 32))).item()
         assert abs(loss - math.log(vocab)) < 0.02, (vocab, loss)
 
 
 def test_init_follows_reference():
-    model = tiny_model()
+    model = tiny_gpt()
     d = model.config.n_embd
     for block in model.transformer.h:
         assert (block.attn.c_proj.weight == 0).all() and (block.mlp.c_proj.weight == 0).all()
@@ -98,7 +85,7 @@ def test_init_follows_reference():
 
 
 def test_causality():
-    model = tiny_model()
+    model = tiny_gpt()
     # make the blocks non-trivial (c_proj starts at zero)
     with torch.no_grad():
         for p in model.parameters():
@@ -112,7 +99,7 @@ def test_causality():
 
 
 def perturbed_model():
-    model = tiny_model(depth=3)
+    model = tiny_gpt(depth=3)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -159,7 +146,7 @@ def test_generate_greedy_matches_argmax_of_full_forward():
 
 
 def test_meta_build_is_deterministic_and_state_dict_roundtrips():
-    a, b = tiny_model(seed=3), tiny_model(seed=3)
+    a, b = tiny_gpt(seed=3), tiny_gpt(seed=3)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     assert not any(k in a.state_dict() for k in ("cos", "sin"))  # rotary tables are rebuilt, not saved
@@ -172,7 +159,7 @@ def test_meta_build_is_deterministic_and_state_dict_roundtrips():
 def test_compiles_as_one_graph():
     # the CUDA training path (full logits + cross-entropy) must trace without graph breaks; aot_eager checks
     # the capture and autograd without needing a C++/Triton toolchain
-    model = tiny_model()
+    model = tiny_gpt()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
     idx = torch.randint(0, 300, (2, 32))
     loss = compiled(idx, idx)

@@ -5,37 +5,17 @@ import torch
 import torch.nn.functional as F
 
 from nanopipe.common import UserError
-from nanopipe.gpt import GPTConfig, build_model
 from nanopipe.loss_eval import evaluate_bpb, evaluate_text, text_windows
 from nanopipe.synthetic import generate_documents
-from nanopipe.tokenizer import Tokenizer
+from tests.conftest import noisy_gpt
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread avoids OpenMP barrier stalls (100x here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.train(iter(list(generate_documents(0, 200))), vocab_size=400)
-
-
-def tiny_model(tokenizer, uniform=False, seq_len=32):
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=seq_len, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=64)
-    model = build_model(config, "cpu")
+def uniform_model(tokenizer, seq_len=32):
+    """All logits 0 (a zero lm_head): the loss is ln(V) on every token."""
+    model = noisy_gpt(tokenizer, seq_len, n_layer=1, noise=0.0)
     with torch.no_grad():
-        if uniform:
-            model.lm_head.weight.zero_()   # all logits 0: loss = ln(V) on every token
-        else:
-            for p in model.parameters():
-                p.add_(0.2 * torch.randn_like(p))
-    return model.eval()
+        model.lm_head.weight.zero_()
+    return model
 
 
 def batches_from(tokenizer, texts, seq_len):
@@ -53,7 +33,7 @@ def batches_from(tokenizer, texts, seq_len):
 
 
 def test_bpb_uniform_logits_is_log2_vocab_over_bytes_per_token(tokenizer):
-    model = tiny_model(tokenizer, uniform=True)
+    model = uniform_model(tokenizer)
     token_bytes = tokenizer.token_bytes()
     batches = batches_from(tokenizer, list(generate_documents(1, 6)), 32)
     ys = torch.cat([y.flatten() for _, y in batches])
@@ -66,7 +46,7 @@ def test_bpb_uniform_logits_is_log2_vocab_over_bytes_per_token(tokenizer):
 
 
 def test_bpb_matches_hand_computation(tokenizer):
-    model = tiny_model(tokenizer)
+    model = noisy_gpt(tokenizer, seq_len=32, n_layer=1)
     token_bytes = tokenizer.token_bytes()
     batches = batches_from(tokenizer, list(generate_documents(2, 6)), 32)
     nats = nbytes = 0.0
@@ -95,7 +75,7 @@ def test_text_windows_cover_every_target_once():
 
 
 def test_evaluate_text_uniform_model(tokenizer, tmp_path):
-    model = tiny_model(tokenizer, uniform=True, seq_len=16)
+    model = uniform_model(tokenizer, seq_len=16)
     texts = {"a.txt": "The capital of Quen is Lorv.\nIt is a fine city.", "b.md": "héllo wörld, 12 + 30 = 42 ✓"}
     paths = []
     for name, text in texts.items():
@@ -116,6 +96,6 @@ def test_evaluate_text_uniform_model(tokenizer, tmp_path):
 
 
 def test_evaluate_text_missing_file(tokenizer, tmp_path):
-    model = tiny_model(tokenizer, uniform=True)
+    model = uniform_model(tokenizer)
     with pytest.raises(UserError, match="no text file"):
         evaluate_text(model, tokenizer, [tmp_path / "nope.txt"])

@@ -3,21 +3,8 @@ import copy
 import pytest
 import torch
 
-from nanopipe.gpt import build_model, config_from_depth
 from nanopipe.optim import Muon, orthogonalize, setup_optimizers
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def tiny_model(seed=0, vocab=256, depth=2):
-    torch.manual_seed(seed)
-    return build_model(config_from_depth(depth, vocab, max_seq_len=32, aspect_ratio=32, head_dim=32), "cpu")
+from tests.conftest import tiny_gpt
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (128, 64), (3, 64, 256)])
@@ -37,7 +24,7 @@ def test_orthogonalize_gives_near_orthogonal_output(shape):
 
 
 def test_param_groups_and_lr_scaling():
-    model = tiny_model()  # width 64
+    model = tiny_gpt(vocab=256)  # width 64
     adamw, muon = setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
                                    weight_decay=0.1)
     scale = (64 / 768) ** -0.5
@@ -61,7 +48,7 @@ def test_muon_rejects_non_matrices():
 
 
 def test_tiny_model_overfits_a_fixed_batch():
-    model = tiny_model()
+    model = tiny_gpt(vocab=256)
     optimizers = setup_optimizers(model)
     torch.manual_seed(1)
     batch = torch.randint(0, 256, (4, 33))
@@ -89,14 +76,14 @@ def train_steps(model, optimizers, batches):
 def test_optimizer_state_dict_resume_is_exact():
     torch.manual_seed(2)
     batches = [(b[:, :-1], b[:, 1:]) for b in torch.randint(0, 256, (6, 2, 17))]
-    model = tiny_model()
+    model = tiny_gpt(vocab=256)
     optimizers = setup_optimizers(model, weight_decay=0.1)
     train_steps(model, optimizers, batches[:3])
     saved_model = copy.deepcopy(model.state_dict())
     saved_opts = [copy.deepcopy(o.state_dict()) for o in optimizers]
     train_steps(model, optimizers, batches[3:])
 
-    resumed = tiny_model(seed=99)  # different init: everything must come from the saved state
+    resumed = tiny_gpt(vocab=256, seed=99)  # different init: everything must come from the saved state
     resumed.load_state_dict(saved_model)
     resumed_opts = setup_optimizers(resumed, weight_decay=0.1)
     for opt, state in zip(resumed_opts, saved_opts):
