@@ -264,7 +264,8 @@ def train(args, stage):
     records = read_log(log.path)
     tok_per_sec = total_batch * loop["timed_steps"] / loop["train_seconds"] if loop["train_seconds"] else None
     data = {"train_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
-            "val_loss": loop["val_loss"], "initial_val_loss": loop.get("initial_val_loss"), "num_steps": step, "tok_per_sec": tok_per_sec,
+            "val_loss": loop["val_loss"], "initial_val_loss": loop.get("initial_val_loss"), "num_steps": step,
+            "tok_per_sec": tok_per_sec,
             "mfu": 100 * flops_per_token * tok_per_sec / (peak * world) if peak and tok_per_sec else None,
             "trained_tokens": loop["trained_tokens"], "train_seconds": loop["train_seconds"],
             "peak_memory_mb": peak_memory_mb(device), "mixture": spec, "checkpoint": str(ckpt_dir),
