@@ -4,13 +4,14 @@
 #   bash runs/speedrun_cpu.sh
 #
 # set-up -> synthetic data -> tokenizer -> pretraining -> base eval (CORE on the world's tasks, bpb) -> SFT
-# -> chat eval (with and without the calculator) -> report/report.md. About 20 minutes on 2 CPU cores.
+# -> chat eval of the base and the SFT model (the SFT one with and without the calculator) -> report.md.
+# About 20 minutes on 2 CPU cores (report/example.md is one such run).
 #
 # Rerunning continues where it stopped: finished steps are skipped and training resumes from its last
 # checkpoint (kill it at any point and run it again). FRESH=1 starts over (new checkpoints and report).
 # Overrides: NANOPIPE_BASE_DIR (default ~/.cache/nanopipe), NANOPIPE_REPORT_DIR, DEPTH, VOCAB, SEQ_LEN,
-# BASE_STEPS, SFT_STEPS, SAVE_EVERY, CORE_MAX_PER_TASK, CHAT_EVAL_PROBLEMS, OMP_NUM_THREADS (default 1),
-# SKIP_SETUP=1 (skip runs/setup.sh).
+# BASE_STEPS, SFT_STEPS, SAVE_EVERY, CORE_MAX_PER_TASK, CHAT_EVAL_PROBLEMS, DOLLARS_PER_HOUR,
+# OMP_NUM_THREADS (default 1), SKIP_SETUP=1 (skip runs/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +32,7 @@ SFT_STEPS="${SFT_STEPS:-150}"
 SAVE_EVERY="${SAVE_EVERY:-25}"
 CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:--1}"
 CHAT_EVAL_PROBLEMS="${CHAT_EVAL_PROBLEMS:-100}"
+DOLLARS_PER_HOUR="${DOLLARS_PER_HOUR:-0.10}"  # what a small 2-core cloud VM costs, for the report's estimate
 TAG="d$DEPTH"
 
 start_run "cpu_$TAG" "$TAG"
@@ -49,9 +51,10 @@ step base_eval   "$PY" -m scripts.base_eval --device-batch-size 16 --split-token
                      --max-per-task "$CORE_MAX_PER_TASK"
 step chat_sft    "$PY" -m scripts.chat_sft --num-iterations "$SFT_STEPS" --device-batch-size 8 \
                      --eval-every 50 --val-conversations 200 --save-every "$SAVE_EVERY" --resume
+step chat_eval_base "$PY" -m scripts.chat_eval -i base --max-problems "$CHAT_EVAL_PROBLEMS" --max-new-tokens 64
 step chat_eval   "$PY" -m scripts.chat_eval -i sft --max-problems "$CHAT_EVAL_PROBLEMS" --max-new-tokens 64 \
                      --tool-ablation
-"$PY" -m nanopipe.report generate
+"$PY" -m nanopipe.report generate --dollars-per-hour "$DOLLARS_PER_HOUR"
 
 report_dir="${NANOPIPE_REPORT_DIR:-report}"
 echo

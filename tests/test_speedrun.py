@@ -43,9 +43,11 @@ def test_cpu_speedrun_report_rerun_and_kill_resume(tmp_path):
     straight = tmp_path / "straight"
     out = run_speedrun(straight).stdout
     assert "report: " in out and "chat:" in out
+    assert "Stages not run" not in (straight / "report" / "report.md").read_text()
     report_md = (straight / "report" / "report.md").read_text()
     for title in ("Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model evaluation",
-                  "Chat SFT", "Chat evaluation (SFT model)", "## Summary", "## Plots"):
+                  "Chat SFT", "Chat evaluation (base model)", "Chat evaluation (SFT model)", "## Summary",
+                  "## Plots"):
         assert title in report_md, title
     assert list((straight / "report" / "plots").glob("*.svg"))
     m = metrics(straight)
@@ -57,7 +59,7 @@ def test_cpu_speedrun_report_rerun_and_kill_resume(tmp_path):
     t0 = time.monotonic()
     rerun = run_speedrun(straight).stdout
     assert time.monotonic() - t0 < 60
-    assert rerun.count("done already") == 7
+    assert rerun.count("done already") == 8
     assert metrics(straight) == m
 
     # kill hard in the middle of pretraining, then run the same command again
