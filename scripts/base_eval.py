@@ -9,12 +9,10 @@ byte, greedy samples from fixed prompts, and optionally loss/perplexity/bpb on y
 """
 
 import argparse
-from contextlib import nullcontext
 
-import torch
 
 from nanopipe.checkpoint import load_model
-from nanopipe.common import (autodetect_device, autodetect_dtype, cleanup_distributed,
+from nanopipe.common import (autocast, autodetect_device, autodetect_dtype, cleanup_distributed,
                              init_distributed, print0)
 from nanopipe.core_eval import evaluate_core
 from nanopipe.dataloader import PretrainLoader
@@ -67,7 +65,7 @@ def main(argv=None):
         device = autodetect_device(args.device)
         info = init_distributed(device)
         dtype = autodetect_dtype(device)
-        autocast = torch.autocast(device, dtype=dtype) if device == "cuda" and dtype != torch.float32 else nullcontext()
+        amp = autocast(device, dtype)
         model, tokenizer, meta = load_model("base", args.model_tag, args.step, device)
         data_name = default_data_name(args.data)
         data, sections = {}, []
@@ -75,7 +73,7 @@ def main(argv=None):
         if "core" in args.evals:
             bundle = get_eval_bundle_dir(data_name)
             print0(f"CORE on {bundle}")
-            with autocast:
+            with amp:
                 result = evaluate_core(model, tokenizer, bundle, device, max_per_task=args.max_per_task,
                                        batch_size=args.device_batch_size)
             for label, r in result["tasks"].items():
@@ -91,7 +89,7 @@ def main(argv=None):
             for split in ("train", "val"):
                 loader = PretrainLoader(tokenizer, data_name, split, args.device_batch_size, seq_len, device=device,
                                         rank=info.rank, world_size=info.world_size)
-                with autocast:
+                with amp:
                     bpb[split] = evaluate_bpb(model, loader, steps, tokenizer.token_bytes())
                 print0(f"{split} bpb: {bpb[split]:.4f}")
             data["bpb"] = bpb
@@ -99,7 +97,7 @@ def main(argv=None):
                             f"({steps} batches of {args.device_batch_size}x{seq_len} tokens per split and rank, data `{data_name}`)")
 
         if "sample" in args.evals:
-            with autocast:
+            with amp:
                 samples = greedy_samples(model, tokenizer, SAMPLE_PROMPTS)
             for line in samples:
                 print0(line)
@@ -107,7 +105,7 @@ def main(argv=None):
             sections.append("### Samples (greedy)\n\n" + "\n".join(f"- `{s!r}`" for s in samples))
 
         if "text" in args.evals:
-            with autocast:
+            with amp:
                 text = evaluate_text(model, tokenizer, args.text, batch_size=args.device_batch_size)
             for path, r in text["files"].items():
                 print0(f"{path}: bpb {r['bpb']:.4f}  loss/token {r['loss_per_token']:.4f}  perplexity {r['perplexity']:.2f}  ({r['tokens']} tokens)")

@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from nanopipe.checkpoint import (checkpoint_root, find_last_step, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state, update_meta)
-from nanopipe.common import (UserError, autodetect_device, autodetect_dtype, cleanup_distributed, format_duration,
-                             get_base_dir, init_distributed, peak_flops, print0, seed_everything)
+from nanopipe.common import (UserError, autocast, autodetect_device, autodetect_dtype, cleanup_distributed,
+                             format_duration, get_base_dir, init_distributed, peak_flops, print0, seed_everything)
 from nanopipe.dataloader import PretrainLoader
 from nanopipe.dataset import default_data_name, get_eval_bundle_dir
 from nanopipe.engine import SAMPLE_PROMPTS, greedy_samples
@@ -182,8 +182,7 @@ def train(args, stage):
     rank, world = info.rank, info.world_size
     master = rank == 0
     dtype = autodetect_dtype(device)
-    autocast = (torch.autocast(device_type="cuda", dtype=dtype) if device == "cuda" and dtype != torch.float32
-                else contextlib.nullcontext())
+    amp = autocast(device, dtype)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     seed_everything(args.seed)
 
@@ -219,7 +218,7 @@ def train(args, stage):
                                   unembedding_lr=args.unembedding_lr * lr_scale, scalar_lr=args.scalar_lr * lr_scale,
                                   weight_decay=plan["weight_decay"])
     if args.dry_run:
-        dry_run(args, model, optimizers, plan, device, autocast, sync, peak, world)
+        dry_run(args, model, optimizers, plan, device, amp, sync, peak, world)
         cleanup_distributed()
         return
 
@@ -253,7 +252,7 @@ def train(args, stage):
     def val_bpb():
         val_loader = PretrainLoader(tokenizer, data_name, "val", args.device_batch_size, config.sequence_len,
                                     device, rank, world)
-        with autocast:
+        with amp:
             return evaluate_bpb(model, val_loader, eval_steps, token_bytes)
 
     train_model = DDP(model, device_ids=[info.local_rank] if device == "cuda" else None) if info.is_ddp else model
@@ -283,7 +282,7 @@ def train(args, stage):
             sync()
             t0 = time.perf_counter()
             lrm = apply_schedules(optimizers, it, N, args, plan["weight_decay"])
-            train_loss = accumulate_gradients(train_model, train_loader, grad_accum, autocast, info.is_ddp)
+            train_loss = accumulate_gradients(train_model, train_loader, grad_accum, amp, info.is_ddp)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        args.grad_clip if args.grad_clip > 0 else float("inf")).item()
             if it == 0 and abs(train_loss - math.log(config.vocab_size)) > INITIAL_LOSS_TOLERANCE:
@@ -324,9 +323,9 @@ def train(args, stage):
                 if args.eval_every > 0 and step % args.eval_every == 0:
                     loop["val_bpb"] = record["val_bpb"] = val_bpb()
                 if args.core_metric_every > 0 and step % args.core_metric_every == 0:
-                    record["core"] = core_metric(model, tokenizer, bundle_dir, device, args, autocast)
+                    record["core"] = core_metric(model, tokenizer, bundle_dir, device, args, amp)
                 if args.sample_every > 0 and step % args.sample_every == 0 and master:
-                    samples = sample(model, tokenizer, autocast)
+                    samples = sample(model, tokenizer, amp)
             log.write(record)
             mean_dt = loop["train_seconds"] / loop["timed_steps"] if loop["timed_steps"] else dt
             postfix = f"loss {smooth:.4f} | {total_batch / mean_dt:,.0f} tok/s"
@@ -343,10 +342,10 @@ def train(args, stage):
         loop["val_bpb"] = final["val_bpb"] = val_bpb()
         print0(f"final val bpb {final['val_bpb']:.4f}")
     if args.core_metric_every > 0:
-        final["core"] = core_metric(model, tokenizer, bundle_dir, device, args, autocast)
+        final["core"] = core_metric(model, tokenizer, bundle_dir, device, args, amp)
         print0(f"final CORE {final['core']:.4f}")
     if args.sample_every > 0 and master:
-        samples = sample(model, tokenizer, autocast)
+        samples = sample(model, tokenizer, amp)
     if master:
         update_meta(ckpt_dir, N, val_bpb=loop["val_bpb"], core=final.get("core"))
     log.write(final)
@@ -355,7 +354,7 @@ def train(args, stage):
     cleanup_distributed()
 
 
-def accumulate_gradients(train_model, loader, grad_accum, autocast, is_ddp) -> float:
+def accumulate_gradients(train_model, loader, grad_accum, amp, is_ddp) -> float:
     """Forward/backward grad_accum micro-batches into .grad (the mean over all of them, over all ranks);
     returns the mean loss over the whole batch."""
     loss_sum = None
@@ -364,7 +363,7 @@ def accumulate_gradients(train_model, loader, grad_accum, autocast, is_ddp) -> f
         # DDP all-reduces (averages) gradients on the last micro-batch only
         no_sync = train_model.no_sync() if is_ddp and micro < grad_accum - 1 else contextlib.nullcontext()
         with no_sync:
-            with autocast:
+            with amp:
                 loss = train_model(x, y)
             (loss / grad_accum).backward()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
@@ -391,23 +390,23 @@ def check_resumable(meta, config, plan, args, world):
         raise UserError(f"the checkpoint used --device-batch-size {meta['device_batch_size']}: resume with the same")
 
 
-def core_metric(model, tokenizer, bundle_dir, device, args, autocast):
+def core_metric(model, tokenizer, bundle_dir, device, args, amp):
     from nanopipe.core_eval import evaluate_core  # heavy eval code, only loaded when CORE is on
-    with autocast:
+    with amp:
         result = evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=args.core_metric_max_per_task,
                                show_progress=False)
     return result["core"]
 
 
-def sample(model, tokenizer, autocast) -> list[str]:
+def sample(model, tokenizer, amp) -> list[str]:
     """Greedy 16-token continuations of fixed prompts (rank 0): a quick look at what the model learned."""
-    with autocast:
+    with amp:
         lines = greedy_samples(model, tokenizer, SAMPLE_PROMPTS)
     print("\n" + "\n".join(f"  {line!r}" for line in lines))
     return lines
 
 
-def dry_run(args, model, optimizers, plan, device, autocast, sync, peak, world):
+def dry_run(args, model, optimizers, plan, device, amp, sync, peak, world):
     """Time a few micro-batches and one optimizer step on random tokens; print ETA and memory, write nothing."""
     config = model.config
     gen = torch.Generator().manual_seed(0)
@@ -415,7 +414,7 @@ def dry_run(args, model, optimizers, plan, device, autocast, sync, peak, world):
     train_model = torch.compile(model, dynamic=False) if args.compile else model
 
     def micro_step():
-        with autocast:
+        with amp:
             loss = train_model(x, x)
         loss.backward()
 
