@@ -435,6 +435,15 @@ def _choices(world, fact, rng, k=4):
     return choices
 
 
+def sample_prompts(seed: int = 0, count: int = 7) -> list[str]:
+    """Sentence starts about the world (one per relation, then arithmetic): greedy samples a reader can check."""
+    world = build_world(seed)
+    first_of_each = {}
+    for fact in world.facts:
+        first_of_each.setdefault(fact.relation, fact)
+    return [fact.prefix() for fact in first_of_each.values()][:count - 1] + ["7 * 8 ="]
+
+
 def core_items(seed: int, world: World | None = None) -> dict[str, list[dict]]:
     """The CORE task files' items by label."""
     world = world or build_world(seed)

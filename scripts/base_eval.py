@@ -11,6 +11,7 @@ byte, greedy samples from fixed prompts, and optionally loss/perplexity/bpb on y
 import argparse
 
 
+from nanopipe import synthetic
 from nanopipe.checkpoint import load_model
 from nanopipe.common import (autocast, autodetect_device, autodetect_dtype, cleanup_distributed,
                              init_distributed, print0)
@@ -97,8 +98,10 @@ def main(argv=None):
                             f"({steps} batches of {args.device_batch_size}x{seq_len} tokens per split and rank, data `{data_name}`)")
 
         if "sample" in args.evals:
+            # the synthetic world's model knows nothing about France: ask it about its own world
+            prompts = synthetic.sample_prompts() if data_name == "synthetic" else SAMPLE_PROMPTS
             with amp:
-                samples = greedy_samples(model, tokenizer, SAMPLE_PROMPTS)
+                samples = greedy_samples(model, tokenizer, prompts)
             for line in samples:
                 print0(line)
             data["samples"] = samples

@@ -5,6 +5,7 @@ import warnings
 import pytest
 import torch
 
+from nanopipe import synthetic
 from nanopipe.common import UserError
 from nanopipe.core_eval import (centered_accuracy, crop_left, evaluate_core, evaluate_task,
                                 fewshot_indices, find_spans, load_bundle, prepare_task, render_prompts,
@@ -344,8 +345,9 @@ def test_base_eval_script_end_to_end(tokenizer, tmp_path, isolated_dirs):
     assert data["core_tasks"] == data["core_tasks_total"] == len(data["tasks"]) == 5
     assert all(t["n"] == 4 for t in data["tasks"].values())
     assert set(data["bpb"]) == {"train", "val"} and all(0 < v < 20 for v in data["bpb"].values())
-    assert len(data["samples"]) == len(base_eval.SAMPLE_PROMPTS)
-    assert data["samples"][0].startswith(base_eval.SAMPLE_PROMPTS[0])
+    prompts = synthetic.sample_prompts()  # the synthetic world's model is asked about its own world
+    assert len(data["samples"]) == len(prompts)
+    assert all(sample.startswith(prompt) for sample, prompt in zip(data["samples"], prompts))
     assert list(data["text"])[0] == "bpb" and data["text"]["tokens"] > 0
 
 
