@@ -291,30 +291,6 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_scaling_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
-    # ----------------------------------------------------------------------------------------------
-    # sampling (the full engine with tools lives in engine.py)
-
-    @torch.no_grad()
-    def generate(self, tokens: list[int], max_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 seed: int = 42):
-        """Yield up to max_tokens continuation ids for one prompt (greedy at temperature 0), with a KV cache."""
-        device = self.lm_head.weight.device
-        generator = torch.Generator(device=device).manual_seed(seed)
-        cache = KVCache(1, len(tokens) + max_tokens, self.config, device=device)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        for _ in range(max_tokens):
-            logits = self.forward(ids, kv_cache=cache)[:, -1, :]
-            if temperature <= 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits / temperature, dim=-1)
-                next_id = torch.multinomial(probs, 1, generator=generator)
-            ids = next_id
-            yield next_id.item()
-
 
 def cross_entropy(logits, targets, reduction="mean"):
     """Token cross-entropy with ignore_index=-1. "mean" averages over the counted targets and is 0 (not NaN)
