@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from nanopipe.checkpoint import step_dir
-from nanopipe.common import UserError, get_base_dir
+from nanopipe.checkpoint import find_last_step, load_checkpoint, set_rng_state, step_dir
+from nanopipe.common import UserError, get_base_dir, print0
 
 
 class MetricLog:
@@ -75,6 +75,34 @@ def series_from_log(records: list[dict], key: str, ylabel: str) -> dict:
     """A report series (x = step) of one logged metric."""
     points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
     return {"x": [s for s, _ in points], "y": [v for _, v in points], "xlabel": "step", "ylabel": ylabel}
+
+
+def resume_training(checkpoint_dir: Path, resume: bool, model, optimizers, loop: dict, device, rank: int,
+                    check_meta=None) -> tuple[int, object]:
+    """Continue a run from its last checkpoint: model, optimizers, RNG and `loop` (updated in place).
+
+    Returns (start step, dataloader state); (0, None) for a fresh run. Without --resume an existing checkpoint
+    is refused rather than overwritten. `check_meta(meta)` raises UserError when the checkpoint was made by a
+    different configuration (it names the flag).
+    """
+    last_step = find_last_step(checkpoint_dir)
+    if last_step is None:
+        if resume:
+            print0(f"nothing to resume in {checkpoint_dir}: starting from step 0")
+        return 0, None
+    if not resume:
+        raise UserError(f"{checkpoint_dir} already has a checkpoint at step {last_step}: pass --resume to continue "
+                        f"it, or use another --model-tag (or delete that folder) to start over")
+    ckpt = load_checkpoint(checkpoint_dir, last_step, device=device, rank=rank)
+    if check_meta is not None:
+        check_meta(ckpt["meta"])
+    model.load_state_dict(ckpt["model"])
+    for opt, state in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(state)
+    loop.update(ckpt["meta"]["loop_state"])
+    set_rng_state(ckpt["rng"])
+    print0(f"resuming {checkpoint_dir} from step {last_step}")
+    return last_step, ckpt["loader"]
 
 
 def peak_memory_mb(device: str) -> float:

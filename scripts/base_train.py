@@ -20,8 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from nanopipe.checkpoint import (checkpoint_root, find_last_step, load_checkpoint, rng_state, save_checkpoint,
-                                 set_rng_state, update_meta)
+from nanopipe.checkpoint import checkpoint_root, rng_state, save_checkpoint, update_meta
 from nanopipe.common import (UserError, autocast, autodetect_device, autodetect_dtype, cleanup_distributed,
                              format_duration, get_base_dir, init_distributed, peak_flops, print0, seed_everything)
 from nanopipe.dataloader import PretrainLoader
@@ -32,7 +31,8 @@ from nanopipe.loss_eval import evaluate_bpb
 from nanopipe.optim import setup_optimizers
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import get_tokenizer
-from nanopipe.training import MetricLog, check_finite, muon_momentum, peak_memory_mb, read_log, series_from_log
+from nanopipe.training import (MetricLog, check_finite, muon_momentum, peak_memory_mb, read_log, resume_training,
+                               series_from_log)
 
 # the reference point of every depth-derived hyperparameter: d12 at ratio 10.5 trained with 2^19-token batches
 REFERENCE_DEPTH = 12
@@ -223,25 +223,9 @@ def train(args, stage):
         return
 
     # resume: model, optimizers, loader position, RNG and loop state from the last checkpoint
-    start_step, loader_state = 0, None
     loop = {"smooth_loss": 0.0, "grad_norm_ema": 0.0, "train_seconds": 0.0, "timed_steps": 0, "val_bpb": None}
-    last_step = find_last_step(ckpt_dir)
-    if last_step is not None and not args.resume:
-        raise UserError(f"{ckpt_dir} already has a checkpoint at step {last_step}: pass --resume to continue it, "
-                        f"or use another --model-tag (or delete that folder) to start over")
-    if last_step is not None:
-        ckpt = load_checkpoint(ckpt_dir, last_step, device=device, rank=rank)
-        check_resumable(ckpt["meta"], config, plan, args, world)
-        model.load_state_dict(ckpt["model"])
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        start_step, loader_state = last_step, ckpt["loader"]
-        loop.update(ckpt["meta"]["loop_state"])
-        set_rng_state(ckpt["rng"])
-        print0(f"resuming {ckpt_dir} from step {start_step}")
-        del ckpt
-    elif args.resume:
-        print0(f"nothing to resume in {ckpt_dir}: starting from step 0")
+    start_step, loader_state = resume_training(ckpt_dir, args.resume, model, optimizers, loop, device, rank,
+                                               lambda meta: check_resumable(meta, config, plan, args, world))
 
     token_bytes = tokenizer.token_bytes().to(device)
     bundle_dir = get_eval_bundle_dir(data_name) if args.core_metric_every > 0 else None  # fail fast if missing
@@ -276,7 +260,7 @@ def train(args, stage):
     samples = []
     # a context manager, so the bar is closed before an error line is printed
     with tqdm(total=N, initial=start_step, disable=not master, dynamic_ncols=True, desc="base_train") as bar:
-        saved_step = last_step
+        saved_step = start_step or None  # the checkpoint a divergence falls back to
         for it in range(start_step, N):
             step = it + 1
             sync()

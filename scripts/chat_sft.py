@@ -21,15 +21,15 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from nanopipe.checkpoint import (checkpoint_root, find_last_step, load_checkpoint, load_model, rng_state,
-                                 save_checkpoint, set_rng_state)
+from nanopipe.checkpoint import checkpoint_root, load_model, rng_state, save_checkpoint
 from nanopipe.common import (UserError, autocast, autodetect_device, autodetect_dtype, cleanup_distributed,
                              format_duration, get_base_dir, init_distributed, peak_flops, print0, seed_everything)
 from nanopipe.dataset import default_data_name
 from nanopipe.optim import setup_optimizers
 from nanopipe.sft_data import SFTLoader
 from nanopipe.stage import Stage
-from nanopipe.training import MetricLog, check_finite, muon_momentum, peak_memory_mb, read_log, series_from_log
+from nanopipe.training import (MetricLog, check_finite, muon_momentum, peak_memory_mb, read_log, resume_training,
+                               series_from_log)
 from tasks.common import TaskMixture
 from tasks.registry import SFT_MIXTURES, SFT_TASKS, parse_mixture
 
@@ -149,24 +149,14 @@ def train(args, stage):
                                   unembedding_lr=args.unembedding_lr * lr, scalar_lr=args.scalar_lr * lr,
                                   weight_decay=0.0)
     ckpt_dir = checkpoint_root("sft") / tag
-    start_step, loader_state = 0, None
     loop = {"smooth_loss": 0.0, "train_seconds": 0.0, "timed_steps": 0, "val_loss": None, "trained_tokens": 0}
-    last_step = find_last_step(ckpt_dir)
-    if last_step is not None and not args.resume:
-        raise UserError(f"{ckpt_dir} already has a checkpoint at step {last_step}: pass --resume to continue it, "
-                        f"or delete that folder to start over")
-    if last_step is not None:
-        ckpt = load_checkpoint(ckpt_dir, last_step, device=device, rank=rank)
-        if ckpt["meta"]["world_size"] != world:
-            raise UserError(f"{ckpt_dir} was written by {ckpt['meta']['world_size']} rank(s): resume with the same number")
-        model.load_state_dict(ckpt["model"])
-        for opt, state in zip(optimizers, ckpt["optimizers"]):
-            opt.load_state_dict(state)
-        start_step, loader_state = last_step, ckpt["loader"]
-        loop.update(ckpt["meta"]["loop_state"])
-        set_rng_state(ckpt["rng"])
-        print0(f"resuming {ckpt_dir} from step {start_step}")
-        del ckpt
+
+    def check_meta(meta):
+        if meta["world_size"] != world:
+            raise UserError(f"{ckpt_dir} was written by {meta['world_size']} rank(s): resume with the same number")
+
+    start_step, loader_state = resume_training(ckpt_dir, args.resume, model, optimizers, loop, device, rank,
+                                               check_meta)
 
     loader = SFTLoader(tokenizer, train_mix, args.device_batch_size, seq_len, device, rank, world, state=loader_state)
     train_model = DDP(model, device_ids=[info.local_rank] if device == "cuda" else None) if info.is_ddp else model
@@ -193,7 +183,7 @@ def train(args, stage):
                                             world, amp)
         print0(f"step 0: val loss {loop['initial_val_loss']:.4f}")
         log.write({"step": 0, "val_loss": loop["initial_val_loss"]})
-    step, saved_step = start_step, last_step
+    step, saved_step = start_step, start_step or None
     progress = progress_of(step)
     with tqdm(total=1000, initial=int(1000 * min(progress, 1)), disable=not master, desc="chat_sft",
               unit="‰", dynamic_ncols=True) as bar:
