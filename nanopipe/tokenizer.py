@@ -351,6 +351,10 @@ class Tokenizer:
             encoded = [head + ids + tail for ids in encoded]
         return encoded[0] if single else encoded
 
+    def to_json(self) -> str:
+        """The Hugging Face tokenizer's serialisation (what tokenizer.json holds)."""
+        return self._hf.to_str()
+
     def decode(self, ids) -> str:
         return self._hf.decode([int(i) for i in ids], skip_special_tokens=False)
 

@@ -33,7 +33,7 @@ if ! $PY -c 'import torch' 2>/dev/null; then
     fi
 fi
 
-if ! $PY -m pip show -q nanopipe >/dev/null 2>&1 || ! $PY -c 'import pytest, hypothesis' 2>/dev/null; then
+if ! $PY -m pip show -q nanopipe >/dev/null 2>&1 || ! $PY -c 'import pytest, hypothesis, transformers, safetensors' 2>/dev/null; then
     $PY -m pip install -q -e '.[dev]'
 fi
 $PY -c 'import platform, torch; print("setup: ok: python", platform.python_version(), "torch", torch.__version__, "cuda", torch.cuda.is_available())'

@@ -69,3 +69,29 @@ def noisy_gpt(tokenizer, seq_len, n_layer=2, noise=0.2, seed=0):
             for p in model.parameters():
                 p.add_(noise * torch.randn_like(p))
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def chat_world(tmp_path_factory):
+    """A base dir with a tiny trained pipeline: the synthetic world (2 shards), a 512-token tokenizer, 8 steps of
+    pretraining (tag d2) and 4 of SFT, quick evals of both, and their report sections. Read-only for its tests."""
+    from nanopipe import dataset
+    from nanopipe.common import get_base_dir
+    from scripts import base_eval, base_train, chat_eval, chat_sft
+    base = tmp_path_factory.mktemp("chat_world")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOPIPE_BASE_DIR", str(base))
+        mp.setenv("NANOPIPE_REPORT_DIR", str(base / "report"))
+        mp.setenv("NANOPIPE_DATA", "synthetic")
+        dataset.build_synthetic(num_shards=2)
+        docs = (text for text, _ in dataset.iter_documents("synthetic", "train"))
+        Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
+        base_train.main(["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "128",
+                         "--device-batch-size", "4", "--total-batch-size", "512", "--num-iterations", "8",
+                         "--eval-every", "-1", "--core-metric-every", "-1", "--sample-every", "-1",
+                         "--device", "cpu", "--model-tag", "d2"])
+        chat_sft.main(["--device-batch-size", "4", "--val-conversations", "24", "--eval-every", "-1",
+                       "--device", "cpu", "--num-iterations", "4"])
+        base_eval.main(["--eval", "core,bpb", "--max-per-task", "4", "--split-tokens", "4096", "--device", "cpu"])
+        chat_eval.main(["-i", "sft", "--max-problems", "4", "--max-new-tokens", "8", "--device", "cpu"])
+    return base
