@@ -1,8 +1,10 @@
 """Shared plumbing: base dir, device and dtype policy, torchrun/DDP, atomic writes, small utilities."""
 
 import contextlib
+import errno
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -49,8 +51,116 @@ def atomic_write(path, mode="wb"):
 
 
 def atomic_write_text(path, text: str):
-    with atomic_write(path, "w") as f:
-        f.write(text)
+    with disk_space(Path(path).parent, len(text.encode("utf-8"))):
+        with atomic_write(path, "w") as f:
+            f.write(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# folders that appear whole, and a full disk
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(final: Path):
+    """Remove the `.<name>.tmp-<pid>` / `.<name>.old-<pid>` folders beside `final` whose process is gone
+    (a kill -9 or a power cut in the middle of a build): the next build cleans up after the dead one."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return
+    for path in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, pid = path.name[len(final.name) + 2:].rpartition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def temp_dir_beside(final: Path) -> Path:
+    """A fresh empty `.<name>.tmp-<pid>` folder beside `final`, to build it in and then `replace_dir` it."""
+    final = Path(final)
+    remove_stale_temps(final)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def replace_dir(tmp: Path, final: Path):
+    """Put the complete folder `tmp` at `final` by renames, so readers see the old folder or the new one.
+
+    POSIX has no atomic swap of two folders: between the two renames `final` is absent (never partial).
+    """
+    final = Path(final)
+    for f in Path(tmp).rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def free_bytes(folder: Path) -> int:
+    folder = Path(folder)
+    while not folder.exists():
+        folder = folder.parent
+    return shutil.disk_usage(folder).free
+
+
+def disk_full_error(folder: Path, needed: int, what: str = "this step") -> UserError:
+    return UserError(f"no space left on the device of {folder}: {what} needs about {format_bytes(needed)}, "
+                     f"{format_bytes(free_bytes(folder))} free there: free some space (or set NANOPIPE_BASE_DIR "
+                     f"to a bigger disk) and rerun")
+
+
+def is_disk_full(exc: BaseException, folder: Path, needed: int) -> bool:
+    """Whether a failed write ran out of space: an OSError saying so, a library's error quoting it, or (for
+    libraries whose message does not say, e.g. torch.save's "unexpected pos") less free space than it needed."""
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+        return True
+    text = str(exc)
+    if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
+        return True
+    library_error = isinstance(exc, (OSError, RuntimeError)) or "Safetensor" in type(exc).__name__
+    return library_error and free_bytes(folder) < needed
+
+
+@contextlib.contextmanager
+def disk_space(folder: Path, needed: int, what: str = "this step"):
+    """Check before writing `needed` bytes into `folder`, and turn a full disk while writing into one line.
+
+    The caller's own cleanup (temp files removed on error) runs first, so what was there before stays intact.
+    """
+    if free_bytes(folder) < needed:
+        raise disk_full_error(folder, needed, what)
+    try:
+        yield
+    except Exception as e:
+        if is_disk_full(e, folder, needed):
+            raise disk_full_error(folder, needed, what) from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------

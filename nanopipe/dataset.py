@@ -31,7 +31,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanopipe.common import UserError, atomic_write_text, get_base_dir
+from nanopipe.common import (UserError, atomic_write_text, disk_full_error, get_base_dir, is_disk_full, replace_dir,
+                             temp_dir_beside)
 from nanopipe.download import DownloadError, DownloadJob, download_file, download_many
 
 DEFAULT_DATA = "fineweb-edu"
@@ -40,6 +41,7 @@ PRETRAIN_SOURCES = {
     "fineweb-edu": ("karpathy/fineweb-edu-100b-shuffle", 1822),
     "climbmix": ("karpathy/climbmix-400b-shuffle", 6542),
 }
+SHARD_BYTES = 100_000_000  # about the size of one downloaded shard
 SHARD_SCHEMA = pa.schema([("text", pa.string())])
 # fixed codec and level so the same documents always give the same bytes
 PARQUET_OPTIONS = dict(compression="zstd", compression_level=3)
@@ -67,16 +69,70 @@ def make_command(name):
     return f"python -m nanopipe.dataset local --name {name} PATH..."
 
 
-def list_shards(name):
-    """(train_paths, val_path) of dataset `name`: every shard but the last is train."""
+def read_manifest(out_dir):
+    """manifest.json of a dataset folder as a dict; None when absent or unreadable (a build rewrites it)."""
+    path = Path(out_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _manifest_shards(name, folder):
+    """The shard entries of a dataset's manifest; UserError when there is no (readable) manifest."""
+    path = folder / "manifest.json"
+    if not path.exists():
+        if any(folder.glob("shard_*.parquet")):
+            raise UserError(f"dataset {folder} has shards but no manifest.json: its build was interrupted (or made "
+                            f"by an older nanopipe), so it may be incomplete: run `{make_command(name)}` to rebuild it")
+        raise UserError(f"no dataset in {folder}: run `{make_command(name)}` first")
+    manifest = read_manifest(folder)
+    shards = manifest.get("shards") if manifest else None
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                               and e.get("split") in ("train", "val")
+                                               and isinstance(e.get("bytes"), int) for e in shards):
+        raise UserError(f"unreadable manifest {path}: run `{make_command(name)}` to rebuild the dataset")
+    return shards
+
+
+def list_shards(name, check_sha256=False):
+    """(train_paths, val_path) of dataset `name`: exactly the shards its manifest.json lists.
+
+    A dataset is readable only once its manifest is written, and only its listed shards count (a download in
+    progress adds files that are not listed yet). Every listed shard must be present with the listed size;
+    check_sha256 also hashes them (`python -m nanopipe.dataset verify NAME`).
+    """
     folder = dataset_dir(name)
-    shards = sorted(folder.glob("shard_*.parquet"))
-    if not shards:
-        raise UserError(f"no dataset shards in {folder}: run `{make_command(name)}` first")
-    if len(shards) < 2:
+    shards = _manifest_shards(name, folder)
+    train = [e for e in shards if e["split"] == "train"]
+    val = [e for e in shards if e["split"] == "val"]
+    if name in PRETRAIN_SOURCES:
+        # the val shard of a download is the source's final shard, never a train shard standing in for it
+        val_file = f"shard_{PRETRAIN_SOURCES[name][1]:05d}.parquet"
+        if [e["file"] for e in val] != [val_file]:
+            raise UserError(f"dataset {folder} lacks its val shard {val_file}: run "
+                            f"`python -m nanopipe.dataset download {name} --num-shards {max(2, len(train) + 1)}` "
+                            f"to fetch it")
+    elif len(val) != 1:
+        raise UserError(f"dataset {folder} has {len(val)} val shards in its manifest, not 1: run "
+                        f"`{make_command(name)}` to rebuild it")
+    if not train:
         raise UserError(f"dataset {folder} has a single shard, need at least 2 (train + val): "
                         f"run `{make_command(name)}` with more shards")
-    return shards[:-1], shards[-1]
+    for entry in shards:
+        path = folder / entry["file"]
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != entry["bytes"]:
+            problem = f"is {path.stat().st_size:,} bytes, its manifest says {entry['bytes']:,}"
+        elif check_sha256 and file_sha256(path) != entry.get("sha256"):
+            problem = "does not match the sha256 in its manifest"
+        else:
+            continue
+        raise UserError(f"shard {path} {problem}: the dataset is damaged; run `{make_command(name)}` to "
+                        f"{'fetch it again' if name in PRETRAIN_SOURCES else 'rebuild it'}")
+    return [folder / e["file"] for e in train], folder / val[0]["file"]
 
 
 def open_shard(path, column="text") -> pq.ParquetFile:
@@ -161,10 +217,10 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-def write_manifest(out_dir, source, shards, **extra):
+def write_manifest(out_dir, source, shards, name=None, **extra):
     """manifest.json: where the data came from and, per shard, docs, bytes and sha256 (no timestamps)."""
     manifest = {
-        "name": Path(out_dir).name,
+        "name": name or Path(out_dir).name,
         "source": source,
         "num_shards": len(shards),
         "num_docs": sum(s["docs"] for s in shards),
@@ -174,16 +230,6 @@ def write_manifest(out_dir, source, shards, **extra):
     }
     atomic_write_text(Path(out_dir) / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def read_manifest(out_dir):
-    path = Path(out_dir) / "manifest.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a bad manifest is rebuilt, never trusted
 
 
 class _ShardFile:
@@ -225,23 +271,26 @@ class _ShardFile:
 
 
 class ShardWriter:
-    """Write documents into `out_dir` as shards of `docs_per_shard` docs, each renamed into place when full.
+    """Build the dataset folder `out_dir`: documents go into shards of `docs_per_shard` docs in a hidden temp
+    folder beside it (`self.folder`), which close() renames into place once manifest.json is written.
 
+    A dataset is therefore complete or absent: a killed build leaves no dataset (a previous build of the same
+    name stays readable until the new one replaces it) and the next build removes the dead one's temp folder.
     write(text) adds a train document. write(text, val=True) sends it to a separate validation shard that
-    close() places last; if no document was marked val, the last train shard is the val shard.
-    close() writes manifest.json. Starting a writer removes the folder's old shards and manifest: the
-    dataset is being rebuilt. Memory holds one row group.
+    close() places last; if no document was marked val, the last train shard is the val shard. Other files of
+    the dataset (the synthetic world's eval bundle) go into `self.folder` before close(). Memory holds one row
+    group. `expected_docs` / `expected_text_bytes` size the disk-full message (a projection from what was
+    written so far).
     """
 
-    def __init__(self, out_dir, docs_per_shard, row_group_size=1000, source=None):
+    def __init__(self, out_dir, docs_per_shard, row_group_size=1000, source=None, expected_docs=None,
+                 expected_text_bytes=None):
         self.out_dir = Path(out_dir)
         self.docs_per_shard = docs_per_shard
         self.row_group_size = row_group_size
         self.source = source or {}
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        for old in [*self.out_dir.glob("shard_*.parquet"), *self.out_dir.glob(".*.parquet.tmp")]:
-            old.unlink()
-        (self.out_dir / "manifest.json").unlink(missing_ok=True)
+        self.expected = (expected_docs, expected_text_bytes)
+        self.folder = temp_dir_beside(self.out_dir)
         self.entries = []
         self.train = None
         self.val = None
@@ -249,17 +298,17 @@ class ShardWriter:
     def write(self, text, val=False):
         if val:
             if self.val is None:
-                self.val = _ShardFile(self.out_dir / ".val.parquet.tmp", self.row_group_size)
+                self.val = _ShardFile(self.folder / ".val.parquet.tmp", self.row_group_size)
             self.val.add(text)
             return
         if self.train is None:
-            self.train = _ShardFile(self.out_dir / f".shard_{len(self.entries):05d}.parquet.tmp", self.row_group_size)
+            self.train = _ShardFile(self.folder / f".shard_{len(self.entries):05d}.parquet.tmp", self.row_group_size)
         self.train.add(text)
         if self.train.docs == self.docs_per_shard:
             self._finish_train()
 
     def _finish_train(self):
-        path = self.out_dir / f"shard_{len(self.entries):05d}.parquet"
+        path = self.folder / f"shard_{len(self.entries):05d}.parquet"
         self.entries.append(self.train.finish(path, "train"))
         self.train = None
 
@@ -267,28 +316,55 @@ class ShardWriter:
         if self.train is not None:
             self._finish_train()
         if self.val is not None:
-            path = self.out_dir / f"shard_{len(self.entries):05d}.parquet"
+            path = self.folder / f"shard_{len(self.entries):05d}.parquet"
             self.entries.append(self.val.finish(path, "val"))
             self.val = None
         elif self.entries:
             self.entries[-1]["split"] = "val"
-        return write_manifest(self.out_dir, self.source, self.entries,
-                              text_bytes=sum(e["text_bytes"] for e in self.entries))
+        manifest = write_manifest(self.folder, self.source, self.entries, name=self.out_dir.name,
+                                  text_bytes=sum(e["text_bytes"] for e in self.entries))
+        replace_dir(self.folder, self.out_dir)
+        return manifest
+
+    def needed_bytes(self):
+        """About how much disk the whole dataset takes: what was written so far, scaled to the expected input."""
+        written = sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file()) if self.folder.exists() else 0
+        open_files = [f for f in (self.train, self.val) if f is not None]
+        docs = sum(e["docs"] for e in self.entries) + sum(f.docs for f in open_files)
+        text = sum(e["text_bytes"] for e in self.entries) + sum(f.text_bytes for f in open_files)
+        expected_docs, expected_text = self.expected
+        scale = max(expected_docs / docs if expected_docs and docs else 1,
+                    expected_text / text if expected_text and text else 1)
+        return int(max(written, 1 << 20) * scale)
 
     def abort(self):
         for f in (self.train, self.val):
             if f is not None:
                 f.abort()
         self.train = self.val = None
+        shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.close()
+            try:
+                self.close()
+            except BaseException as e:
+                self._abort_after(e)
+                raise
         else:
-            self.abort()
+            self._abort_after(exc)
+        return False
+
+    def _abort_after(self, exc):
+        """Remove the temp folder; a full disk becomes one line with the space the build needs."""
+        needed = self.needed_bytes()
+        full = isinstance(exc, Exception) and is_disk_full(exc, self.out_dir.parent, needed)
+        self.abort()
+        if full:
+            raise disk_full_error(self.out_dir.parent, needed, f"building dataset {self.out_dir.name}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,22 +402,31 @@ def download_pretrain(name, num_shards, workers=4, **download_kwargs):
     print(f"downloading {num_shards} shards of {repo} to {out} with {workers} workers")
     summary = download_many(jobs, workers=workers, **download_kwargs)
     print(summary.format())
-    update_download_manifest(out, {"kind": "download", "repo": repo, "url": f"{url_base}/shard_{{i:05d}}.parquet"})
+    if any("No space left" in r.reason for r in summary.failed):
+        sizes = [p.stat().st_size for p in out.glob("shard_*.parquet")] or [SHARD_BYTES]
+        raise disk_full_error(out, max(sizes) * len(summary.failed), f"downloading {len(summary.failed)} more shard(s)")
+    update_download_manifest(out, {"kind": "download", "repo": repo, "url": f"{url_base}/shard_{{i:05d}}.parquet"},
+                             f"shard_{last:05d}.parquet")
     return summary
 
 
-def update_download_manifest(out_dir, source):
-    """Rewrite manifest.json for the shards on disk, hashing only the ones the old manifest lacks."""
-    known = {s["file"]: s for s in (read_manifest(out_dir) or {}).get("shards", [])}
-    shards = sorted(Path(out_dir).glob("shard_*.parquet"))
+def update_download_manifest(out_dir, source, val_file):
+    """Rewrite manifest.json to list the shards on disk, the val shard `val_file` last; hashes only the new ones.
+
+    The downloader renames a shard into place only once verified, so the shards present are the verified
+    ones; readers see only what the manifest lists. Without `val_file` the manifest lists no val shard and
+    readers refuse the dataset, naming the command that fetches it.
+    """
+    known = {s["file"]: s for s in (read_manifest(out_dir) or {}).get("shards", []) if isinstance(s, dict)}
+    shards = sorted(Path(out_dir).glob("shard_*.parquet"), key=lambda p: (p.name == val_file, p.name))
     entries = []
-    for i, path in enumerate(shards):
+    for path in shards:
         size = path.stat().st_size
         entry = known.get(path.name)
-        if entry is None or entry["bytes"] != size:
+        if entry is None or entry.get("bytes") != size or "sha256" not in entry:
             entry = {"file": path.name, "docs": open_shard(path).metadata.num_rows, "bytes": size,
                      "sha256": file_sha256(path)}
-        entry["split"] = "val" if i == len(shards) - 1 else "train"
+        entry["split"] = "val" if path.name == val_file else "train"
         entries.append(entry)
     return write_manifest(out_dir, source, entries)
 
@@ -431,13 +516,13 @@ def build_local(name, paths, weights=None, seed=0, docs_per_shard=50_000, val_ev
     source = {"kind": "local", "paths": [str(Path(p).resolve()) for p in paths], "weights": weights, "seed": seed,
               "val_every": val_every}
     counts = [0] * len(paths)
-    with ShardWriter(out, docs_per_shard, row_group_size, source) as writer:
+    input_bytes = sum(f.stat().st_size for p in paths for f in local_files(p))
+    with ShardWriter(out, docs_per_shard, row_group_size, source, expected_text_bytes=input_bytes) as writer:
         mixed = mix_documents([iter_local_documents(p) for p in paths], weights, seed)
         for n, (i, text) in enumerate(mixed):
             writer.write(text, val=n % val_every == 0)
             counts[i] += 1
         if not writer.entries and writer.train is None:
-            writer.abort()
             raise UserError(f"{sum(counts)} document(s) in {', '.join(map(str, paths))}: need at least 2 (train + val)")
     for p, c in zip(paths, counts):
         print(f"{c:>10,} docs from {p}")
@@ -464,10 +549,11 @@ def build_synthetic(num_shards=None, seed=0, force=False):
         return out
     if num_shards < 2:
         raise UserError(f"--num-shards {num_shards}: need at least 2 (train + val)")
-    with ShardWriter(out, synthetic.DOCS_PER_SHARD, source=source) as writer:
-        for text in synthetic.generate_documents(seed, num_shards * synthetic.DOCS_PER_SHARD):
+    num_docs = num_shards * synthetic.DOCS_PER_SHARD
+    with ShardWriter(out, synthetic.DOCS_PER_SHARD, source=source, expected_docs=num_docs) as writer:
+        for text in synthetic.generate_documents(seed, num_docs):
             writer.write(text)
-    synthetic.write_extras(seed, out)
+        synthetic.write_extras(seed, writer.folder)
     print(f"wrote {out}")
     return out
 
@@ -632,6 +718,8 @@ def main(argv=None):
     p.add_argument("--only", type=lambda s: s.split(","), default=None, help=",".join(CHAT_DATA_NAMES))
     p.add_argument("--workers", type=int, default=4)
     sub.add_parser("eval-bundle", help="download the CORE eval bundle")
+    p = sub.add_parser("verify", help="check every shard of a dataset against the sha256 in its manifest")
+    p.add_argument("name")
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
@@ -643,6 +731,10 @@ def main(argv=None):
             failed = []
         elif args.command == "synthetic":
             build_synthetic(args.num_shards, args.seed, args.force)
+            failed = []
+        elif args.command == "verify":
+            train, _ = list_shards(args.name, check_sha256=True)
+            print(f"{dataset_dir(args.name)}: {len(train)} train shard(s) and the val shard match their manifest")
             failed = []
         else:
             download_eval_bundle()

@@ -45,6 +45,7 @@ def test_shard_writer_layout_and_manifest(base):
     # rebuilding with fewer docs leaves no stale shard behind to be mistaken for the val shard
     make_dataset("toy", 1500, 1000, 300)
     assert [p.name for p in dataset.list_shards("toy")[0]] == ["shard_00000.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard_00000.parquet", "shard_00001.parquet"]
 
 
 def test_iter_documents_reads_everything_in_order(base):
@@ -88,16 +89,70 @@ def test_missing_corrupt_and_empty_shards_are_user_errors(base):
     make_dataset("toy", 2500, 1000, 300)
     folder = base / "data" / "toy"
     corrupt = folder / "shard_00001.parquet"
-    corrupt.write_bytes(corrupt.read_bytes()[:-100])  # lost its footer
-    with pytest.raises(UserError, match=f"corrupt parquet file {corrupt}"):
+    good = corrupt.read_bytes()
+    corrupt.write_bytes(good[:-100])  # lost its footer: the size no longer matches the manifest
+    with pytest.raises(UserError, match=f"shard {corrupt} is [0-9,]+ bytes, its manifest says [0-9,]+: .* rebuild it"):
         list(dataset.iter_documents("toy", "train"))
-    empty = folder / "shard_00000.parquet"
-    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
-    with pytest.raises(UserError, match=f"empty parquet file {empty}"):
-        list(dataset.iter_documents("toy", "train"))
-    pq.write_table(pa.table({"body": ["x"]}), empty)
-    with pytest.raises(UserError, match=f"{empty} has no `text` column"):
-        list(dataset.iter_documents("toy", "train"))
+    # the same size but other bytes: only the sha256 check (on demand) sees it
+    corrupt.write_bytes(good[:100] + bytes(100) + good[200:])
+    assert dataset.list_shards("toy")[1].name == "shard_00002.parquet"
+    with pytest.raises(UserError, match=f"shard {corrupt} does not match the sha256"):
+        dataset.list_shards("toy", check_sha256=True)
+    assert dataset.main(["verify", "toy"]) == 2
+    corrupt.write_bytes(good)
+    assert dataset.main(["verify", "toy"]) == 0
+    # a bad parquet file (e.g. a local input) is still named by open_shard
+    bad = base / "bad.parquet"
+    bad.write_bytes(good[:-100])
+    with pytest.raises(UserError, match=f"corrupt parquet file {bad}"):
+        dataset.open_shard(bad)
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), bad)
+    with pytest.raises(UserError, match=f"empty parquet file {bad}"):
+        dataset.open_shard(bad)
+    pq.write_table(pa.table({"body": ["x"]}), bad)
+    with pytest.raises(UserError, match=f"{bad} has no `text` column"):
+        dataset.open_shard(bad)
+
+
+def test_a_dataset_is_read_only_through_its_manifest(base):
+    make_dataset("toy", 2500, 1000, 300)
+    folder = base / "data" / "toy"
+    assert not list(folder.parent.glob(".toy.*"))  # the build's temp folder was renamed into place
+    # a rebuild that dies halfway leaves the previous dataset as it was, and its temp folder is cleaned up later
+    with pytest.raises(RuntimeError):
+        with dataset.ShardWriter(folder, 1000, 300) as w:
+            for i in range(1500):
+                w.write("new " + doc(i))
+            raise RuntimeError("killed")
+    assert [t for t, _ in dataset.iter_documents("toy", "val")] == [doc(i) for i in range(2000, 2500)]
+    assert not list(folder.parent.glob(".toy.*"))
+    # shards that the manifest does not list (a download still running) are not read
+    (folder / "shard_00005.parquet").write_bytes((folder / "shard_00000.parquet").read_bytes())
+    assert len(dataset.list_shards("toy")[0]) == 2
+    # a dataset without its manifest (an interrupted build of an older nanopipe) is refused with the rebuild
+    (folder / "manifest.json").unlink()
+    with pytest.raises(UserError, match="has shards but no manifest.json.*`python -m nanopipe.dataset local --name toy"):
+        dataset.list_shards("toy")
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match=f"unreadable manifest {folder / 'manifest.json'}"):
+        dataset.list_shards("toy")
+
+
+def test_a_download_without_its_val_shard_is_refused_with_the_download_command(base):
+    """An older nanopipe marked the last train shard as val when the source's final shard failed: refuse it."""
+    folder = base / "data" / "fineweb-edu"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        pq.write_table(pa.table({"text": [doc(j) for j in range(10)]}), folder / f"shard_{i:05d}.parquet")
+    dataset.update_download_manifest(folder, {"kind": "download"}, "shard_01822.parquet")
+    with pytest.raises(UserError, match="lacks its val shard shard_01822.parquet: run `python -m nanopipe.dataset "
+                                        "download fineweb-edu --num-shards 4`"):
+        dataset.list_shards("fineweb-edu")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][-1]["split"] = "val"  # what the old manifest said
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="lacks its val shard shard_01822.parquet"):
+        dataset.list_shards("fineweb-edu")
 
 
 def test_default_data_name(monkeypatch):
