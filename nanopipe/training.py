@@ -7,24 +7,28 @@ from pathlib import Path
 
 import torch
 
-from nanopipe.checkpoint import find_last_step, load_checkpoint, set_rng_state, step_dir
-from nanopipe.common import UserError, get_base_dir, print0
+from nanopipe.checkpoint import find_last_step, load_checkpoint, restore, step_dir
+from nanopipe.common import UserError, atomic_write_text, get_base_dir, print0
 
 
 class MetricLog:
-    """logs/<tag>.jsonl (rank 0), plus TensorBoard / wandb when asked for (optional extras)."""
+    """logs/<tag>.jsonl (rank 0), plus TensorBoard / wandb when asked for (optional extras).
 
-    def __init__(self, path: Path, resume_step: int, args, tag: str, enabled: bool):
+    A fresh run starts a fresh log. A resumed one rewrites it to match its checkpoint: one line per step up
+    to the checkpoint's step and none after (those steps are redone), no "final" line (the final evals are
+    redone), and the checkpoint's step from the record saved in it (`log_record` in its meta.json) when a
+    kill between the save and the log write lost that line.
+    """
+
+    def __init__(self, path: Path, resume_step: int, args, tag: str, enabled: bool, checkpoint_dir: Path = None):
         self.path = path
         self.enabled = enabled
         self.tb = self.wandb = None
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        # a fresh run starts a fresh log; a resumed one drops lines past its checkpoint (they will be redone)
-        kept = [r for r in read_log(path) if r["step"] <= resume_step] if resume_step > 0 else []
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+        kept = _log_at_checkpoint(read_log(path), resume_step, checkpoint_dir) if resume_step > 0 else []
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
         if getattr(args, "tensorboard", False):
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -59,15 +63,33 @@ class MetricLog:
             self.wandb.finish()
 
 
+def _log_at_checkpoint(records: list[dict], step: int, checkpoint_dir: Path | None) -> list[dict]:
+    """The log lines a run resumed from `step` keeps: each step < `step` once, then `step`'s own line."""
+    by_step = {}
+    for r in records:
+        if not r.get("final") and r["step"] <= step:
+            by_step.setdefault(r["step"], r)  # the first line of a step is the one its run wrote before dying
+    if step not in by_step and checkpoint_dir is not None:
+        try:
+            saved = json.loads((step_dir(checkpoint_dir, step) / "meta.json").read_text()).get("log_record")
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, dict):
+            by_step[step] = saved
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def read_log(path: Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill
-            pass
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
     return records
 
 
@@ -94,13 +116,16 @@ def resume_training(checkpoint_dir: Path, resume: bool, model, optimizers, loop:
         raise UserError(f"{checkpoint_dir} already has a checkpoint at step {last_step}: pass --resume to continue "
                         f"it, or use another --model-tag (or delete that folder) to start over")
     ckpt = load_checkpoint(checkpoint_dir, last_step, device=device, rank=rank)
-    if check_meta is not None:
-        check_meta(ckpt["meta"])
-    model.load_state_dict(ckpt["model"])
-    for opt, state in zip(optimizers, ckpt["optimizers"]):
-        opt.load_state_dict(state)
-    loop.update(ckpt["meta"]["loop_state"])
-    set_rng_state(ckpt["rng"])
+    meta_file = ckpt["path"] / "meta.json"
+    try:
+        if check_meta is not None:
+            check_meta(ckpt["meta"])
+        loop_state = dict(ckpt["meta"]["loop_state"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"cannot read {meta_file} (no {e} in it): the checkpoint is damaged or was written by "
+                        f"another stage; delete {ckpt['path']} (or the whole {checkpoint_dir}) and rerun") from None
+    restore(ckpt, model, optimizers)
+    loop.update(loop_state)
     print0(f"resuming {checkpoint_dir} from step {last_step}")
     return last_step, ckpt["loader"]
 

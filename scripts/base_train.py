@@ -243,12 +243,13 @@ def train(args, stage):
     if args.compile:
         train_model = torch.compile(train_model, dynamic=False)
 
-    log = MetricLog(get_base_dir() / "logs" / f"{tag}.jsonl", start_step, args, tag, enabled=master)
+    log = MetricLog(get_base_dir() / "logs" / f"{tag}.jsonl", start_step, args, tag, enabled=master,
+                    checkpoint_dir=ckpt_dir)
     meta_common = {"user_config": vars(args), "plan": plan, "tag": tag, "data": data_name,
                    "device_batch_size": args.device_batch_size, "max_seq_len": config.sequence_len}
 
-    def save(step):
-        meta = dict(meta_common, loop_state=loop, val_bpb=loop["val_bpb"])
+    def save(step, record):
+        meta = dict(meta_common, loop_state=loop, val_bpb=loop["val_bpb"], log_record=record)
         return save_checkpoint(ckpt_dir, step, model, optimizers, meta, train_loader.state_dict(), rng_state(),
                                keep_last=args.keep_last)
 
@@ -301,7 +302,7 @@ def train(args, stage):
 
             last = step == N
             if last or (args.save_every > 0 and step % args.save_every == 0):
-                save(step)  # before any eval: an eval that dies (OOM on unified memory, #446) loses nothing
+                save(step, record)  # before any eval: an eval that dies (OOM on unified memory, #446) loses nothing
                 saved_step = step
             if not last:
                 if args.eval_every > 0 and step % args.eval_every == 0:

@@ -160,7 +160,8 @@ def train(args, stage):
 
     loader = SFTLoader(tokenizer, train_mix, args.device_batch_size, seq_len, device, rank, world, state=loader_state)
     train_model = DDP(model, device_ids=[info.local_rank] if device == "cuda" else None) if info.is_ddp else model
-    log = MetricLog(get_base_dir() / "logs" / f"sft-{tag}.jsonl", start_step, args, f"sft-{tag}", enabled=master)
+    log = MetricLog(get_base_dir() / "logs" / f"sft-{tag}.jsonl", start_step, args, f"sft-{tag}", enabled=master,
+                    checkpoint_dir=ckpt_dir)
     peak = peak_flops(device)
     flops_per_token = model.flops_per_token()
 
@@ -172,9 +173,9 @@ def train(args, stage):
             dist.all_reduce(done, op=dist.ReduceOp.MIN)  # every rank stops at the same step
         return done.item()
 
-    def save(step):
+    def save(step, record):
         meta = {"tag": tag, "base_checkpoint": base_meta["checkpoint_dir"], "mixture": spec, "loop_state": loop,
-                "user_config": vars(args), "max_seq_len": seq_len}
+                "user_config": vars(args), "max_seq_len": seq_len, "log_record": record}
         save_checkpoint(ckpt_dir, step, model, optimizers, meta, loader.state_dict(), rng_state(),
                         keep_last=args.keep_last)
 
@@ -234,7 +235,7 @@ def train(args, stage):
                       "grad_norm": grad_norm, "trained_tokens": int(trained.item()), "progress": progress}
             last = progress >= 1
             if last or (args.save_every > 0 and step % args.save_every == 0):
-                save(step)  # before the eval: an eval crash costs no training
+                save(step, record)  # before the eval: an eval crash costs no training
                 saved_step = step
             if last or (args.eval_every > 0 and step % args.eval_every == 0):
                 loop["val_loss"] = record["val_loss"] = val_loss(model, tokenizer, val_mix, args.device_batch_size,

@@ -16,7 +16,7 @@ import torch
 
 from nanopipe import dataset
 from nanopipe.checkpoint import (checkpoint_root, clean_state_dict, find_last_step, list_steps, load_checkpoint,
-                                 load_model, rng_state, save_checkpoint, set_rng_state)
+                                 load_model, load_weights, rng_state, save_checkpoint, set_rng_state)
 from nanopipe.common import UserError, get_base_dir
 from nanopipe.gpt import build_model, config_from_depth
 from nanopipe.optim import setup_optimizers
@@ -92,7 +92,7 @@ def read_log(tag):
 def final_weights(tag):
     ckpt_dir = checkpoint_root("base") / tag
     last = list_steps(ckpt_dir)[-1]
-    return last, torch.load(ckpt_dir / f"step_{last:06d}" / "model.pt", weights_only=True)
+    return last, load_weights(ckpt_dir / f"step_{last:06d}")
 
 
 def test_resume_after_sigkill_is_bitwise_exact(toy_data, capsys):
@@ -262,7 +262,7 @@ def test_checkpoint_roundtrip_keep_last_and_incomplete_folders(isolated_dirs):
         save_checkpoint(ckpt_dir, step, model, optimizers, {"note": step}, loader_state={"pos": step}, keep_last=2)
     assert list_steps(ckpt_dir) == [2, 3]
     (ckpt_dir / ".step_000004.tmp").mkdir()  # a save killed halfway
-    (ckpt_dir / "step_000005").mkdir()  # a folder without meta.json / model.pt
+    (ckpt_dir / "step_000005").mkdir()  # a folder without meta.json / model.safetensors
     assert find_last_step(ckpt_dir) == 3
     state = rng_state()
     expected = torch.rand(3)
