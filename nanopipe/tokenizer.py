@@ -25,7 +25,6 @@ import queue
 import re
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanopipe.common import UserError, get_base_dir
+from nanopipe.common import UserError, disk_space, get_base_dir, replace_dir, temp_dir_beside
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # starts every document and every conversation
@@ -288,25 +287,21 @@ class Tokenizer:
 
     def save(self, directory):
         """Write tokenizer.json, token_bytes.npy and meta.json into `directory`, atomically: into a temp
-        folder first, then renamed into place (a killed save never leaves a half tokenizer behind)."""
+        folder first, then renamed into place (a killed save never leaves a half tokenizer behind, and the
+        next save removes the temp folder a killed one left). A full disk is one line with the space needed."""
         directory = Path(directory)
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+        text = self._hf.to_str()
+        token_bytes = self.token_bytes().numpy().astype(np.int32)
+        meta = {"vocab_size": self.vocab_size, "special_tokens": self._special_ids, "split_pattern": SPLIT_PATTERN}
+        needed = len(text.encode("utf-8")) + token_bytes.nbytes + (1 << 16)
+        tmp = temp_dir_beside(directory)
         try:
-            (tmp / "tokenizer.json").write_text(self._hf.to_str())
-            np.save(tmp / "token_bytes.npy", self.token_bytes().numpy().astype(np.int32))
-            meta = {"vocab_size": self.vocab_size, "special_tokens": self._special_ids, "split_pattern": SPLIT_PATTERN}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            for f in tmp.iterdir():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-            old = None
-            if directory.exists():
-                old = directory.parent / f".{directory.name}.old-{os.getpid()}"
-                directory.rename(old)
-            tmp.rename(directory)
-            if old is not None:
-                shutil.rmtree(old)
+            with disk_space(directory.parent, needed, "the tokenizer"):
+                (tmp / "tokenizer.json").write_text(text, encoding="utf-8")
+                np.save(tmp / "token_bytes.npy", token_bytes)
+                (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+                replace_dir(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

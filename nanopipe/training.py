@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from nanopipe.checkpoint import find_last_step, load_checkpoint, restore, step_dir
-from nanopipe.common import UserError, atomic_write_text, get_base_dir, print0
+from nanopipe.common import UserError, atomic_write_text, disk_space, get_base_dir, print0
 
 
 class MetricLog:
@@ -45,8 +45,10 @@ class MetricLog:
     def write(self, record: dict):
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        with disk_space(self.path.parent, len(line), f"the log line of step {record['step']}"):
+            with open(self.path, "a") as f:
+                f.write(line)
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                    and k != "step"}
         if self.tb is not None:

@@ -131,7 +131,7 @@ def test_a_dataset_is_read_only_through_its_manifest(base):
     assert len(dataset.list_shards("toy")[0]) == 2
     # a dataset without its manifest (an interrupted build of an older nanopipe) is refused with the rebuild
     (folder / "manifest.json").unlink()
-    with pytest.raises(UserError, match="has shards but no manifest.json.*`python -m nanopipe.dataset local --name toy"):
+    with pytest.raises(UserError, match="shards but no manifest.json.*`python -m nanopipe.dataset local --name toy"):
         dataset.list_shards("toy")
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match=f"unreadable manifest {folder / 'manifest.json'}"):
