@@ -56,14 +56,15 @@ def _complete(path: Path) -> bool:
 
 
 def list_steps(checkpoint_dir) -> list[int]:
-    """Steps with a complete checkpoint folder, ascending."""
+    """Steps with a checkpoint folder, ascending. Folders only appear whole (renamed into place), so a part
+    missing from one is damage, reported when it is opened, not a reason to fall back silently."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return []
     steps = []
     for child in checkpoint_dir.iterdir():
         match = STEP_DIR.match(child.name)
-        if match and child.is_dir() and _complete(child):
+        if match and child.is_dir():
             steps.append(int(match.group(1)))
     return sorted(steps)
 
@@ -201,7 +202,7 @@ def save_checkpoint(checkpoint_dir, step: int, model, optimizers, meta: dict, lo
 
 def _fallback(checkpoint_dir: Path, step: int) -> str:
     """What to do about a damaged step: fall back to the previous one, or start over."""
-    earlier = [s for s in list_steps(checkpoint_dir) if s < step]
+    earlier = [s for s in list_steps(checkpoint_dir) if s < step and _complete(step_dir(checkpoint_dir, s))]
     if earlier:
         return f"delete {step_dir(checkpoint_dir, step)} to fall back to step {earlier[-1]}"
     return f"delete {checkpoint_dir} to start fresh (or use another --model-tag)"
@@ -217,14 +218,24 @@ def read_meta(path: Path) -> dict:
             raise ValueError("no step or model_config")
         GPTConfig(**meta["model_config"])
     except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
-        raise UserError(f"cannot read {file} ({type(e).__name__}: {str(e)[:120]}): "
-                        f"{_fallback(file.parent.parent, _step_of(file.parent))}") from None
+        raise _damaged(file, _reason(e)) from None
     return meta
 
 
 def _step_of(path: Path) -> int:
     match = STEP_DIR.match(Path(path).name)
     return int(match.group(1)) if match else -1
+
+
+def _reason(e: Exception) -> str:
+    """A short account of why a file did not load (library messages run long)."""
+    if isinstance(e, FileNotFoundError):
+        return "missing"
+    text = str(e)
+    if "Weights only load failed" in text:
+        return "it holds Python objects, not only tensors; refused without unpickling them"
+    text = text.split(". ")[0].split("\n")[0]
+    return f"{type(e).__name__}: {text[:100]}" if text else type(e).__name__
 
 
 def _damaged(file: Path, reason: str) -> UserError:
@@ -243,7 +254,7 @@ def load_weights(path: Path, device="cpu") -> dict:
             return safetensors.torch.load_file(file, device=str(device))
         state = torch.load(file, map_location=device, weights_only=True)
     except Exception as e:  # a truncated or foreign file: safetensors, zip and unpickler errors alike
-        raise _damaged(file, f"{type(e).__name__}: {str(e)[:120]}") from None
+        raise _damaged(file, _reason(e)) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise _damaged(file, "not a state dict of tensors")
     return state
@@ -271,7 +282,7 @@ def _load_torch(file: Path, device):
     try:
         return torch.load(file, map_location=device, weights_only=True)
     except Exception as e:  # truncated (zip) or garbage (unpickler), or an object weights_only refuses
-        raise _damaged(file, f"{type(e).__name__}: {str(e)[:120]}") from None
+        raise _damaged(file, _reason(e)) from None
 
 
 def load_checkpoint(checkpoint_dir, step: int | None = None, device="cpu", rank: int = 0) -> dict:
@@ -282,8 +293,8 @@ def load_checkpoint(checkpoint_dir, step: int | None = None, device="cpu", rank:
         if step is None:
             raise UserError(f"no checkpoint in {checkpoint_dir}")
     path = step_dir(checkpoint_dir, step)
-    if not _complete(path):
-        raise UserError(f"no complete checkpoint for step {step} in {checkpoint_dir} (have: {list_steps(checkpoint_dir)})")
+    if not path.is_dir():
+        raise UserError(f"no checkpoint for step {step} in {checkpoint_dir} (have: {list_steps(checkpoint_dir)})")
     meta = read_meta(path)
     rank_file = path / f"rank{rank}.pt"
     if not rank_file.exists() and meta.get("world_size", 1) <= rank:
@@ -319,7 +330,7 @@ def restore(ckpt: dict, model, optimizers):
         try:
             opt.load_state_dict(state)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
-            raise _damaged(optim_file, f"{type(e).__name__}: {str(e)[:120]}") from None
+            raise _damaged(optim_file, _reason(e)) from None
         for group in opt.param_groups:
             for p in group["params"]:
                 for key, value in opt.state.get(p, {}).items():
@@ -385,7 +396,7 @@ def load_model(kind: str, tag: str | None = None, step: int | None = None, devic
     if step is None:
         step = find_last_step(checkpoint_dir)
     path = step_dir(checkpoint_dir, step)
-    if not _complete(path):
+    if not path.is_dir():
         raise UserError(f"no checkpoint for step {step} in {checkpoint_dir}: available steps {list_steps(checkpoint_dir)}")
     meta = read_meta(path)
     model = build_model_from_meta(meta, load_weights(path, device), device, weights_file(path))

@@ -123,6 +123,8 @@ def resume_training(checkpoint_dir: Path, resume: bool, model, optimizers, loop:
         if check_meta is not None:
             check_meta(ckpt["meta"])
         loop_state = dict(ckpt["meta"]["loop_state"])
+    except UserError as e:  # made by another configuration: name the checkpoint as well as the flag
+        raise UserError(f"{meta_file}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"cannot read {meta_file} (no {e} in it): the checkpoint is damaged or was written by "
                         f"another stage; delete {ckpt['path']} (or the whole {checkpoint_dir}) and rerun") from None

@@ -262,8 +262,12 @@ def test_checkpoint_roundtrip_keep_last_and_incomplete_folders(isolated_dirs):
         save_checkpoint(ckpt_dir, step, model, optimizers, {"note": step}, loader_state={"pos": step}, keep_last=2)
     assert list_steps(ckpt_dir) == [2, 3]
     (ckpt_dir / ".step_000004.tmp").mkdir()  # a save killed halfway
-    (ckpt_dir / "step_000005").mkdir()  # a folder without meta.json / model.safetensors
     assert find_last_step(ckpt_dir) == 3
+    (ckpt_dir / "step_000005").mkdir()  # a folder without meta.json / model.safetensors: damage, not a fallback
+    assert find_last_step(ckpt_dir) == 5
+    with pytest.raises(UserError, match=r"step_000005/meta.json .*delete .*step_000005 to fall back to step 3"):
+        load_checkpoint(ckpt_dir)
+    (ckpt_dir / "step_000005").rmdir()
     state = rng_state()
     expected = torch.rand(3)
     ckpt = load_checkpoint(ckpt_dir)
