@@ -18,7 +18,7 @@ from nanopipe.common import (UserError, atomic_write_text, autocast, autodetect_
                              cleanup_distributed, get_base_dir, init_distributed, print0)
 from nanopipe.dataset import default_data_name
 from nanopipe.stage import Stage
-from tasks.registry import EVAL_SETS, EVAL_TASKS, TOOL_TASKS
+from tasks.registry import CODE_TASKS, EVAL_SETS, EVAL_TASKS, TOOL_TASKS
 
 
 def parse_args(argv=None):
@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--data", default=None, help="dataset name; 'synthetic' selects the world's tasks")
     p.add_argument("--device", default=None)
+    p.add_argument("--unsafe-exec", action="store_true",
+                   help="run HumanEval's generated code without the bubblewrap sandbox (Python-level guards only)")
     return p.parse_args(argv)
 
 
@@ -57,7 +59,9 @@ def main(argv=None):
         dtype = autodetect_dtype(device)
         init_distributed(device)
         names = task_names(args.tasks, default_data_name(args.data))
-        tasks = {name: EVAL_TASKS[name]() for name in names}  # load every file first: fail before any work
+        # load every file (and check the code sandbox) first: fail before any work
+        tasks = {name: EVAL_TASKS[name](unsafe_exec=args.unsafe_exec) if name in CODE_TASKS else EVAL_TASKS[name]()
+                 for name in names}
         model, tokenizer, meta = load_model(args.source, args.model_tag, args.step, device)
         model.eval()
 

@@ -3,12 +3,15 @@ HumanEval (openai/openai_humaneval): 164 Python functions to complete; generativ
 
 The model sees the prompt (signature + docstring) and should reply with the whole function. Scoring runs
 the first fenced code block of the completion (or all of it), after the prompt's imports, followed by the
-problem's tests and `check(entry_point)`, in nanopipe.execution's sandbox (subprocess, time and memory
-limits); it passes iff the program exits cleanly.
+problem's tests and `check(entry_point)`, in nanopipe.execution's sandbox (bubblewrap: namespaces, a read-only
+view, no network, time and memory limits); it passes iff the program exits cleanly. Without bubblewrap the task
+refuses to load unless `unsafe_exec` (chat_eval --unsafe-exec) accepts running the code with only Python-level
+guards.
 """
 
 import re
 
+from nanopipe.execution import require_sandbox, run_sandboxed
 from tasks.common import ParquetRows, Task, chat_file, read_jsonl
 
 TIMEOUT_S = 5.0
@@ -37,8 +40,11 @@ class HumanEval(Task):
     eval_type = "generative"
     baseline = 0.0
 
-    def __init__(self, path=None):
+    def __init__(self, path=None, unsafe_exec=False):
         """`path`: the HF parquet, or a .jsonl of problems (the original release's format)."""
+        if not unsafe_exec:
+            require_sandbox()  # refuse before any generation, not at the first completion
+        self.unsafe_exec = unsafe_exec
         path = chat_file(path, "humaneval", "openai_humaneval/test-00000-of-00001.parquet")
         self.rows = read_jsonl(path) if path.suffix == ".jsonl" else ParquetRows([path], "humaneval")
 
@@ -53,5 +59,4 @@ class HumanEval(Task):
                 "entry_point": row["entry_point"]}
 
     def evaluate(self, conversation, completion):
-        from nanopipe.execution import run_sandboxed
-        return run_sandboxed(build_program(conversation, completion), TIMEOUT_S, MEMORY_MB).success
+        return run_sandboxed(build_program(conversation, completion), TIMEOUT_S, MEMORY_MB, self.unsafe_exec).success

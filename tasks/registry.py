@@ -18,7 +18,7 @@ EVAL_TASKS = {
     "ARC-Challenge": lambda: ARC("ARC-Challenge", "test"),
     "MMLU": lambda: MMLU("all", "test"),
     "GSM8K": lambda: GSM8K("test"),
-    "HumanEval": lambda: HumanEval(),
+    "HumanEval": lambda unsafe_exec=False: HumanEval(unsafe_exec=unsafe_exec),
     "SpellingBee": lambda: SpellingBee(size=256, split="test"),
     "world_mc": lambda: WorldMC(),
     "world_arith": lambda: WorldArith(),
@@ -30,6 +30,8 @@ EVAL_SETS = {
 }
 # tasks whose answers go through the calculator: chat_eval --tool-ablation reruns them without it
 TOOL_TASKS = {"GSM8K", "SpellingBee", "world_arith", "world_spell"}
+# tasks that execute model-written code: their factories take unsafe_exec (chat_eval --unsafe-exec)
+CODE_TASKS = {"HumanEval"}
 
 # chat_sft: name -> factory of (train task, val task or None)
 SFT_TASKS = {

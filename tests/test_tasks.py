@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -208,6 +209,8 @@ HUMANEVAL_ROW = {"task_id": "T/0", "entry_point": "add",
                  "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert math.isclose(candidate(0.5, 0.25), 0.75)\n"}
 
 
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed: sudo apt-get install "
+                    "bubblewrap (.ci/run installs it)")
 def test_humaneval_scoring_runs_the_tests_sandboxed(tmp_path):
     task = HumanEval(path=write_parquet(tmp_path / "he.parquet", [HUMANEVAL_ROW]))
     item = task[0]
@@ -217,8 +220,8 @@ def test_humaneval_scoring_runs_the_tests_sandboxed(tmp_path):
     assert not task.evaluate(item, "def add(a, b):\n    return math.nope(a)\n")
 
 
-def test_humaneval_real_sample(shared_data):
-    task = HumanEval(path=shared_data / "humaneval_sample.jsonl")
+def test_humaneval_real_sample_unsafe_exec(shared_data):
+    task = HumanEval(path=shared_data / "humaneval_sample.jsonl", unsafe_exec=True)  # sandboxed: test_sandbox.py
     item = task[0]
     assert task.evaluate(item, item["messages"][1]["content"])
     assert not task.evaluate(item, item["prompt"] + "    return False\n")
