@@ -36,4 +36,8 @@ fi
 if ! $PY -m pip show -q nanopipe >/dev/null 2>&1 || ! $PY -c 'import pytest, hypothesis, transformers, safetensors' 2>/dev/null; then
     $PY -m pip install -q -e '.[dev]'
 fi
+if [ "$(uname -s)" = "Linux" ] && ! command -v bwrap >/dev/null 2>&1; then
+    echo "setup: note: HumanEval's code sandbox needs bubblewrap: sudo apt-get install bubblewrap" \
+         "(without it chat_eval refuses HumanEval unless --unsafe-exec)"
+fi
 $PY -c 'import platform, torch; print("setup: ok: python", platform.python_version(), "torch", torch.__version__, "cuda", torch.cuda.is_available())'
