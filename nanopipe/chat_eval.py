@@ -17,10 +17,11 @@ from nanopipe.engine import Engine
 from nanopipe.tokenizer import SPECIAL_TOKENS
 
 
-def _sum_across_ranks(*values: int) -> list[int]:
+def _sum_across_ranks(device, *values: int) -> list[int]:
+    """Sums over ranks, reduced on the model's device: NCCL takes no host tensors."""
     if not dist.is_initialized():
         return list(values)
-    t = torch.tensor(values, dtype=torch.long)
+    t = torch.tensor(values, dtype=torch.long, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -50,7 +51,7 @@ def evaluate_categorical(model, tokenizer, task, batch_size: int = 8, max_proble
             scores = logits[row, len(prompt) - 1, letter_ids]
             predicted = item["letters"][int(scores.argmax())]
             correct += int(predicted == item["answer"])
-    correct, total = _sum_across_ranks(correct, len(indices))
+    correct, total = _sum_across_ranks(device, correct, len(indices))
     return {"correct": correct, "n": total}
 
 
@@ -106,7 +107,7 @@ def evaluate_generative(model, tokenizer, task, num_samples: int = 1, max_new_to
             user_turn = next(m["content"] for m in reversed(item["messages"]) if m["role"] == "user")
             transcripts.append({"task": task.name, "prompt": user_turn,
                                 "completion": render_completion(tokenizer, completions[0]), "passed": passed})
-    correct, total, tool_calls = _sum_across_ranks(correct, len(indices), tool_calls)
+    correct, total, tool_calls = _sum_across_ranks(model.lm_head.weight.device, correct, len(indices), tool_calls)
     return {"correct": correct, "n": total, "used_tool": tool_calls}
 
 

@@ -4,6 +4,7 @@ import contextlib
 import errno
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -200,15 +201,35 @@ def autodetect_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-# bf16 dense peak FLOP/s by GPU name; the first substring match wins, so specific names come first.
-_PEAK_FLOPS = [
-    ("gb200", 2.5e15), ("grace blackwell", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
-    ("gb10", 209e12),
-    ("h200", 989e12), ("h100 pcie", 756e12), ("h100", 989e12),
-    ("a100", 312e12), ("l40s", 362e12),
-    ("5090", 209.5e12), ("4090", 165.2e12), ("3090", 71e12),
-    ("mi300x", 1.3074e15),
-]
+# bf16 dense (no sparsity) tensor-core peak FLOP/s by product, from NVIDIA's datasheets and whitepapers (the
+# sparse figures they headline are 2x these). Keys are device names as canonical_gpu_name() reduces them, so
+# "NVIDIA H100 80GB HBM3" and "NVIDIA H100 SXM5 80GB" are both "h100" and "NVIDIA H100 NVL" is not.
+PEAK_FLOPS = {
+    "h100": 989e12, "h100 pcie": 756e12, "h100 nvl": 835e12,  # H100 SXM5 / PCIe / NVL datasheets
+    "h200": 989e12, "h200 nvl": 835e12,  # H200 SXM / NVL datasheet
+    "gh200": 989e12,  # the Grace Hopper superchip's H100 (SXM clocks)
+    "a100": 312e12, "a100 pcie": 312e12,  # SXM4 and PCIe, 40 and 80 GB
+    "l40s": 362e12, "l40": 181e12,
+    "rtx 4090": 165.2e12, "rtx 5090": 209.5e12, "rtx 3090": 71e12,  # Ada/Blackwell/Ampere whitepapers, fp32 accum
+    "b200": 2.25e15, "gb200": 2.5e15, "b100": 1.8e15,
+    # GB10 (DGX Spark): NVIDIA publishes only "1 PFLOP FP4 with sparsity". 209e12 is the nanochat Spark fork's
+    # "BF16 estimate", kept so MFU compares with its runs; a review on huggingface.js#2117 puts bf16 near 100e12.
+    # NANOPIPE_PEAK_FLOPS=100e12 measures against the lower figure.
+    "gb10": 209e12,
+    "mi300x": 1.3074e15,
+}
+_NAME_NOISE = re.compile(r"\b(nvidia|geforce|amd|instinct|tesla|sxm\d?|\d+\s*gb?|hbm\d?e?)\b")
+
+
+def canonical_gpu_name(name: str) -> str:
+    """A device name without vendor, form-factor and memory words: "NVIDIA A100-SXM4-80GB" -> "a100"."""
+    words = _NAME_NOISE.sub(" ", re.sub(r"[-_]", " ", name.lower()))
+    return " ".join(words.split())
+
+
+def peak_flops_of(name: str) -> float | None:
+    """The bf16 peak of the GPU called `name` (as torch.cuda.get_device_name says it); None if not known."""
+    return PEAK_FLOPS.get(canonical_gpu_name(name))
 
 
 def peak_flops(device: str) -> float | None:
@@ -220,11 +241,7 @@ def peak_flops(device: str) -> float | None:
         return float(os.environ["NANOPIPE_PEAK_FLOPS"])
     if device != "cuda":
         return None
-    name = torch.cuda.get_device_name().lower()
-    for key, flops in _PEAK_FLOPS:
-        if key in name:
-            return flops
-    return None
+    return peak_flops_of(torch.cuda.get_device_name())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -168,7 +168,7 @@ def train(args, stage):
     def progress_of(step: int) -> float:
         if args.num_iterations > 0:
             return step / args.num_iterations
-        done = torch.tensor([loader.progress / args.num_epochs], dtype=torch.float64)
+        done = torch.tensor([loader.progress / args.num_epochs], dtype=torch.float64, device=device)
         if dist.is_initialized():
             dist.all_reduce(done, op=dist.ReduceOp.MIN)  # every rank stops at the same step
         return done.item()
@@ -199,7 +199,7 @@ def train(args, stage):
                 group["momentum"] = muon_momentum(step)
             batches = [next(loader) for _ in range(grad_accum)]
             # normalise by the trained tokens of the whole step on all ranks, not per micro-batch
-            trained = torch.tensor(sum(int((y != -1).sum()) for _, y in batches), dtype=torch.float64)
+            trained = torch.tensor(sum(int((y != -1).sum()) for _, y in batches), dtype=torch.float64, device=device)
             if dist.is_initialized():
                 dist.all_reduce(trained)
             loss_sum = 0.0
@@ -213,7 +213,7 @@ def train(args, stage):
             step += 1
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        args.grad_clip if args.grad_clip > 0 else float("inf")).item()
-            total_loss = torch.tensor([loss_sum], dtype=torch.float64)
+            total_loss = torch.tensor([loss_sum], dtype=torch.float64, device=device)
             if dist.is_initialized():
                 dist.all_reduce(total_loss)
             train_loss = total_loss.item() / max(trained.item(), 1)

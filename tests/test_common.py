@@ -53,6 +53,21 @@ def test_peak_flops_unknown_on_cpu(monkeypatch):
     assert common.peak_flops("cpu") == 1e12
 
 
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 SXM5 80GB", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-SXM4-40GB", 312e12),
+    ("NVIDIA A100-PCIE-40GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA L40", 181e12), ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA GeForce RTX 5090", 209.5e12),
+    ("NVIDIA GB10", 209e12), ("NVIDIA B200", 2.25e15), ("NVIDIA GB200", 2.5e15), ("AMD Instinct MI300X", 1.3074e15),
+    # not in the table: MFU stays blank rather than borrowing a sibling's peak
+    ("NVIDIA GeForce RTX 4090 D", None), ("NVIDIA GeForce RTX 5090 D", None), ("NVIDIA H800", None),
+    ("NVIDIA A10G", None), ("Tesla T4", None), ("NVIDIA L4", None), ("NVIDIA GB100", None), ("", None),
+])
+def test_peak_flops_by_exact_product_name(name, peak):
+    assert common.peak_flops_of(name) == peak
+
+
 def test_atomic_write_keeps_old_file_on_error(tmp_path):
     target = tmp_path / "a.txt"
     target.write_text("old")
