@@ -249,12 +249,26 @@ def export_model(model, tokenizer, meta: dict, kind: str, out, overwrite: bool =
     return out
 
 
-def push_to_hub(folder, repo: str, private: bool = False, revision: str | None = None) -> str:
-    """Upload the folder to the hub repo `repo` (created if needed); the token is HF_TOKEN or the cached login.
-    Returns the commit URL."""
-    from huggingface_hub import HfApi
-    api = HfApi()
-    api.create_repo(repo, private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo, revision=revision,
-                             commit_message="Upload a nanopipe model")
-    return str(getattr(info, "commit_url", info))
+def hub_token() -> str:
+    """The token pushes use: HF_TOKEN, else the one `hf auth login` stored."""
+    from huggingface_hub import get_token
+    token = get_token()
+    if not token:
+        raise UserError("--push-to-hub needs a Hugging Face token: set HF_TOKEN (a write token) or run `hf auth login`")
+    return token
+
+
+def push_to_hub(folder, repo: str, private: bool = False) -> str:
+    """Upload the folder's files to the model repo `repo` (created if needed) in one commit; its URL.
+    The host is HF_ENDPOINT (default the Hugging Face hub)."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+    api = HfApi(token=hub_token())
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    try:
+        api.create_repo(repo, private=private, exist_ok=True)
+        info = api.create_commit(repo, operations=[CommitOperationAdd(f.name, str(f)) for f in files],
+                                 commit_message="Upload a nanopipe model")
+    except HfHubHTTPError as e:
+        raise UserError(f"--push-to-hub {repo}: the hub answered {e}") from None
+    return info.commit_url

@@ -36,7 +36,9 @@ def main(argv=None):
             import transformers  # noqa: F401
         except ImportError as e:
             raise UserError(f"export needs {e.name}: pip install -e '.[hf]'") from None
-        from nanopipe.hf_export import export_model, push_to_hub
+        from nanopipe.hf_export import export_model, hub_token, push_to_hub
+        if args.push_to_hub:
+            hub_token()  # no token: say so before spending time on the export
         model, tokenizer, meta = load_model(args.source, args.model_tag, args.step, "cpu")
         meta.setdefault("tag", Path(meta["checkpoint_dir"]).parent.name)
         out = export_model(model, tokenizer, meta, args.source, args.out, overwrite=args.overwrite)

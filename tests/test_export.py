@@ -13,6 +13,7 @@ from nanopipe.engine import Engine
 from nanopipe.hf_export import CHECK_TOLERANCE, check_export, export_model
 from scripts import export
 from tests.conftest import subprocess_env
+from tests.hub_server import HubServer
 
 transformers = pytest.importorskip("transformers", reason="the export tests need the hf extra: pip install -e '.[hf]'")
 
@@ -176,3 +177,34 @@ def test_export_refuses_a_non_empty_out(world, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --out") and "--overwrite" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_push_to_hub_uploads_the_folder(chat_world, tmp_path):
+    """--push-to-hub against a loopback hub: the repo is created, one commit holds every exported file byte for
+    byte, and every request carries HF_TOKEN."""
+    out = tmp_path / "pushed_d2"
+    env = subprocess_env(NANOPIPE_BASE_DIR=chat_world, NANOPIPE_REPORT_DIR=chat_world / "report")
+    with HubServer() as hub:
+        env.update(HF_ENDPOINT=hub.url, HF_TOKEN="hf_test_token", HF_HUB_DISABLE_TELEMETRY="1")
+        result = subprocess.run([sys.executable, "-m", "scripts.export", "-i", "sft", "--out", str(out),
+                                 "--push-to-hub", "someone/nanopipe-d2", "--private"],
+                                env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"pushed: {hub.url}/someone/nanopipe-d2/commit/" in result.stdout
+    repo = hub.repos["someone/nanopipe-d2"]
+    assert repo["private"] and repo["commits"] == ["Upload a nanopipe model"]
+    assert repo["files"] == {p.name: p.read_bytes() for p in out.iterdir()}
+    posts = [r for r in hub.requests if r["method"] == "POST"]
+    assert len(posts) >= 3 and all(r["headers"].get("authorization") == "Bearer hf_test_token" for r in posts)
+
+
+def test_push_without_a_token_fails_before_exporting(chat_world, tmp_path):
+    out = tmp_path / "never"
+    env = subprocess_env(NANOPIPE_BASE_DIR=chat_world, NANOPIPE_REPORT_DIR=chat_world / "report",
+                         HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=tmp_path / "hf_home")
+    env.pop("HF_TOKEN", None)
+    result = subprocess.run([sys.executable, "-m", "scripts.export", "-i", "sft", "--out", str(out),
+                             "--push-to-hub", "someone/x"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --push-to-hub needs a Hugging Face token")
+    assert not out.exists()
