@@ -33,7 +33,7 @@ if ! $PY -c 'import torch' 2>/dev/null; then
     fi
 fi
 
-if ! $PY -m pip show -q nanopipe >/dev/null 2>&1 || ! $PY -c 'import pytest, hypothesis, transformers, safetensors' 2>/dev/null; then
+if ! $PY -m pip show -q nanopipe >/dev/null 2>&1 || ! $PY -c 'import pytest, hypothesis, transformers, safetensors, fastapi, uvicorn, playwright' 2>/dev/null; then
     $PY -m pip install -q -e '.[dev]'
 fi
 if [ "$(uname -s)" = "Linux" ] && ! command -v bwrap >/dev/null 2>&1; then
