@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 
 from nanopipe.common import (UserError, atomic_write_text, disk_full_error, get_base_dir, is_disk_full, replace_dir,
                              temp_dir_beside)
-from nanopipe.download import DownloadError, DownloadJob, download_file, download_many
+from nanopipe.download import (DownloadError, DownloadJob, HubFile, download_file, download_many, hf_endpoint,
+                               resolve_revision)
 
 DEFAULT_DATA = "fineweb-edu"
 # name -> (HF dataset repo, index of its last shard)
@@ -45,10 +46,6 @@ SHARD_BYTES = 100_000_000  # about the size of one downloaded shard
 SHARD_SCHEMA = pa.schema([("text", pa.string())])
 # fixed codec and level so the same documents always give the same bytes
 PARQUET_OPTIONS = dict(compression="zstd", compression_level=3)
-
-
-def hf_endpoint():
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
 def default_data_name(flag=None):
@@ -383,10 +380,13 @@ def verify_text_shard(path):
     verify_parquet(path, column="text")
 
 
-def download_pretrain(name, num_shards, workers=4, **download_kwargs):
+def download_pretrain(name, num_shards, workers=4, revision=None, **download_kwargs):
     """Download `num_shards` shards of a pretraining source (the last being its final shard, for val).
 
-    Verified shards already on disk are skipped; the manifest is rewritten. Returns the DownloadSummary.
+    Every file is fetched at one commit of the source repo: `revision` (a branch, tag or sha) resolved once, or
+    the commit the dataset's manifest recorded when it was first downloaded, so adding shards later never mixes
+    two versions of the source. Verified shards already on disk are skipped; the manifest is rewritten.
+    Returns the DownloadSummary.
     """
     repo, last = PRETRAIN_SOURCES[name]
     if num_shards < 2:
@@ -395,19 +395,28 @@ def download_pretrain(name, num_shards, workers=4, **download_kwargs):
         print(f"{name} has {last + 1} shards; downloading all of them")
         num_shards = last + 1
     out = dataset_dir(name)
-    url_base = f"{hf_endpoint()}/datasets/{repo}/resolve/main"
+    pinned = ((read_manifest(out) or {}).get("source") or {}).get("revision")
+    if pinned and revision and revision != pinned:
+        raise UserError(f"--revision {revision}: the shards in {out} are from revision {pinned}; download another "
+                        f"revision into a fresh base dir (NANOPIPE_BASE_DIR), or delete {out} first")
+    sha = pinned or resolve_revision(repo, revision or "main", **_retry_kwargs(download_kwargs))
     indices = [last] + list(range(num_shards - 1))  # val first: it never changes and stages need it
-    jobs = [DownloadJob(f"{url_base}/shard_{i:05d}.parquet", out / f"shard_{i:05d}.parquet", verify_text_shard)
-            for i in indices]
-    print(f"downloading {num_shards} shards of {repo} to {out} with {workers} workers")
+    jobs = [DownloadJob(hub.url, out / hub.filename, verify_text_shard, hub=hub)
+            for hub in (HubFile(repo, f"shard_{i:05d}.parquet", sha) for i in indices)]
+    print(f"downloading {num_shards} shards of {repo} (revision {sha}) to {out} with {workers} workers")
     summary = download_many(jobs, workers=workers, **download_kwargs)
     print(summary.format())
     if any("No space left" in r.reason for r in summary.failed):
         sizes = [p.stat().st_size for p in out.glob("shard_*.parquet")] or [SHARD_BYTES]
         raise disk_full_error(out, max(sizes) * len(summary.failed), f"downloading {len(summary.failed)} more shard(s)")
-    update_download_manifest(out, {"kind": "download", "repo": repo, "url": f"{url_base}/shard_{{i:05d}}.parquet"},
+    url = HubFile(repo, "shard_{i:05d}.parquet", sha).url
+    update_download_manifest(out, {"kind": "download", "repo": repo, "revision": sha, "url": url},
                              f"shard_{last:05d}.parquet")
     return summary
+
+
+def _retry_kwargs(download_kwargs):
+    return {k: download_kwargs[k] for k in ("retries", "backoff") if k in download_kwargs}
 
 
 def update_download_manifest(out_dir, source, val_file):
@@ -610,13 +619,25 @@ def verify_nonempty_text(path):
             raise ValueError("empty text file")
 
 
-def chat_data_jobs(names):
+def chat_data_revision(name, repo, **retry_kwargs) -> str:
+    """The commit of `repo` this chat dataset is pinned to: the one recorded at its first download, else main's
+    commit now (recorded in chat_data/<name>/source.json once a file of it has landed)."""
+    recorded = chat_data_dir() / name / "source.json"
+    if recorded.is_file():
+        source = json.loads(recorded.read_text())
+        if source.get("repo") == repo and source.get("revision"):
+            return source["revision"]
+    return resolve_revision(repo, "main", **retry_kwargs)
+
+
+def chat_data_jobs(names, **retry_kwargs):
     jobs = []
     for name in names:
         if name in CHAT_PARQUETS:
             repo, files = CHAT_PARQUETS[name]
-            jobs += [DownloadJob(f"{hf_endpoint()}/datasets/{repo}/resolve/main/{f}", chat_data_dir() / name / f,
-                                 verify_parquet) for f in files]
+            sha = chat_data_revision(name, repo, **retry_kwargs)
+            jobs += [DownloadJob(hub.url, chat_data_dir() / name / f, verify_parquet, hub=hub)
+                     for f, hub in ((f, HubFile(repo, f, sha)) for f in files)]
         else:
             env, url, filename = CHAT_URLS[name]
             verify = verify_jsonl if filename.endswith(".jsonl") else verify_nonempty_text
@@ -629,7 +650,12 @@ def download_chat_data(names=None, workers=4, **download_kwargs):
     unknown = [n for n in names if n not in CHAT_DATA_NAMES]
     if unknown:
         raise UserError(f"--only {','.join(unknown)}: unknown; choose from {','.join(CHAT_DATA_NAMES)}")
-    summary = download_many(chat_data_jobs(names), workers=workers, **download_kwargs)
+    jobs = chat_data_jobs(names, **_retry_kwargs(download_kwargs))
+    summary = download_many(jobs, workers=workers, **download_kwargs)
+    for job in jobs:  # pin each hub dataset to the commit its files came from
+        recorded = chat_data_dir() / job.dest.relative_to(chat_data_dir()).parts[0] / "source.json"
+        if job.hub is not None and job.dest.exists() and not recorded.exists():
+            atomic_write_text(recorded, json.dumps({"repo": job.hub.repo_id, "revision": job.hub.revision}) + "\n")
     print(summary.format())
     return summary
 
@@ -703,6 +729,8 @@ def main(argv=None):
     p.add_argument("name", choices=sorted(PRETRAIN_SOURCES))
     p.add_argument("--num-shards", "-n", type=int, default=8, help="total shards incl. the val shard")
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--revision", default=None,
+                   help="branch, tag or commit of the source repo (default: main's commit at the first download)")
     p = sub.add_parser("local", help="build a dataset from your own .txt/.md/.jsonl/.parquet files or folders")
     p.add_argument("--name", required=True)
     p.add_argument("paths", nargs="+")
@@ -723,7 +751,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command == "download":
-            failed = download_pretrain(args.name, args.num_shards, args.workers).failed
+            failed = download_pretrain(args.name, args.num_shards, args.workers, args.revision).failed
         elif args.command == "chat-data":
             failed = download_chat_data(args.only, args.workers).failed
         elif args.command == "local":

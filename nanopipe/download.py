@@ -1,13 +1,25 @@
-"""Fault-proof HTTP downloads: retries with backoff, resumable partial files, verify-then-rename.
+"""Fault-proof downloads: retries with backoff, resumable transfers, hash checks, verify-then-rename.
 
-A file only ever appears at its final path complete and verified: bytes stream into `<dest>.partial`,
-an interrupted transfer resumes from there with an HTTP Range request, and the `verify(path)` callback
-(e.g. "the parquet footer reads and has rows") runs before the atomic rename. A file that fails
-verification is deleted and fetched again a bounded number of times, never trusted.
+A file only ever appears at its final path complete and verified: the `verify(path)` callback (e.g. "the
+parquet footer reads and has rows") runs before the atomic rename. A file that fails verification is deleted
+and fetched again a bounded number of times, never trusted.
+
+Two transports behind one job list (download_many):
+- Hugging Face hub files (DownloadJob.hub) go through `huggingface_hub.hf_hub_download` at a pinned
+  revision: HF_TOKEN for gated repos, HF_HUB_OFFLINE=1, HF_ENDPOINT, and its Xet path where the hub offers it.
+  The file lands in a hidden staging folder beside `dest`, is checked against the sha256 the hub reports
+  for it (the ETag of LFS files), verified, then renamed into place. A transfer cut short resumes within the
+  run (huggingface_hub's own Range resume); a killed process starts that file again.
+- Any other URL (the eval bundle, the word list): plain HTTP with `requests`; bytes stream into
+  `<dest>.partial`, and an interrupted transfer resumes from there with a Range request, across runs too.
 """
 
 import email.utils
+import errno
+import hashlib
 import os
+import re
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +37,14 @@ MAX_RETRY_AFTER = 900.0  # seconds; a longer Retry-After is capped to this
 # urllib3 directly, so its errors arrive unwrapped.
 RETRY_EXCEPTIONS = (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError, ConnectionError,
                     TimeoutError)
+
+
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
 class DownloadError(Exception):
@@ -184,11 +204,144 @@ def download_file(url, dest, verify=None, retries=5, backoff=1.0, max_backoff=60
             raise DownloadError(url, f"{problem} (on {corrupt} complete downloads)")
 
 
+# ---------------------------------------------------------------------------------------------
+# Hugging Face hub files
+
+@dataclass
+class HubFile:
+    repo_id: str
+    filename: str
+    revision: str  # a commit sha: every request names it, so a re-shard upstream cannot mix into a dataset
+    repo_type: str = "dataset"
+
+    @property
+    def url(self) -> str:
+        kind = "" if self.repo_type == "model" else f"{self.repo_type}s/"
+        return f"{hf_endpoint()}/{kind}{self.repo_id}/resolve/{self.revision}/{self.filename}"
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+    return constants.is_offline_mode()
+
+
+def _hub_failure(e: Exception, url: str):
+    """A huggingface_hub exception as _Retry (worth another try) or DownloadError (permanent)."""
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError)
+    if isinstance(e, OfflineModeIsEnabled) or (isinstance(e, LocalEntryNotFoundError) and hub_offline()):
+        return DownloadError(url, "HF_HUB_OFFLINE=1 is set and the file is not on disk: unset it to download")
+    if isinstance(e, (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError)) or (
+            isinstance(e, HfHubHTTPError) and e.response is not None and e.response.status_code not in RETRY_STATUSES):
+        status = e.response.status_code if getattr(e, "response", None) is not None else "?"
+        hint = " (a gated or private repo: set HF_TOKEN)" if status in (401, 403) else ""
+        return DownloadError(url, f"HTTP {status} {str(e).splitlines()[0]}{hint}")
+    if isinstance(e, HfHubHTTPError) and e.response is not None:
+        return _Retry(f"HTTP {e.response.status_code}", _retry_after_seconds(e.response.headers.get("Retry-After")))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+        raise e  # the disk, not the network: no retry helps
+    return _Retry(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
+def resolve_revision(repo_id: str, revision: str = "main", repo_type: str = "dataset", retries: int = 5,
+                     backoff: float = 1.0) -> str:
+    """The commit sha a branch or tag names now (a sha is returned as it is; offline nothing is asked)."""
+    if COMMIT_SHA.fullmatch(revision) or hub_offline():
+        return revision
+    from huggingface_hub import HfApi
+    url = f"{hf_endpoint()}/api/{repo_type}s/{repo_id}/revision/{revision}"
+    for attempt in range(retries + 1):
+        try:
+            return HfApi(endpoint=hf_endpoint()).repo_info(repo_id, repo_type=repo_type, revision=revision).sha
+        except Exception as e:  # noqa: BLE001 (classified: permanent ones raise, the rest are retried)
+            failure = _hub_failure(e, url)
+            if isinstance(failure, DownloadError) or attempt == retries:
+                raise DownloadError(url, failure.reason) from None
+            time.sleep(failure.wait if failure.wait is not None else backoff * 2 ** attempt)
+
+
+def _progress_bar_class(progress):
+    """A silent tqdm for huggingface_hub that feeds its byte counts to download_many's bar."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class Forward(hub_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            if progress is not None and n:
+                progress(n)
+
+    return Forward
+
+
+def download_hub_file(hub: HubFile, dest, verify=None, retries=5, backoff=1.0, max_backoff=60.0, timeout=30.0,
+                      max_corrupt=2, progress=None, **_):
+    """download_file for a hub file, through hf_hub_download. Returns the bytes transferred (0 if present)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download
+    dest = Path(dest)
+    if dest.exists():
+        if _check_verify(verify, dest) is None:
+            return 0  # no request at all, online or offline
+        dest.unlink()
+    staging = dest.parent / f".{dest.name}.hub"  # hf_hub_download's local_dir
+    failures = corrupt = received = 0
+    url = hub.url
+
+    def count(nbytes):
+        nonlocal received
+        received += nbytes
+        if progress is not None:
+            progress(nbytes)
+
+    while True:
+        try:
+            meta = get_hf_file_metadata(url, timeout=timeout)
+            path = Path(hf_hub_download(hub.repo_id, hub.filename, repo_type=hub.repo_type, revision=hub.revision,
+                                        local_dir=staging, endpoint=hf_endpoint(), etag_timeout=timeout,
+                                        tqdm_class=_progress_bar_class(count)))
+        except Exception as e:  # noqa: BLE001 (classified below)
+            failure = _hub_failure(e, url)
+            if isinstance(failure, DownloadError):
+                shutil.rmtree(staging, ignore_errors=True)
+                raise failure from None
+            failures += 1
+            if failures > retries:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise DownloadError(url, f"gave up after {failures} attempts, last: {failure.reason}") from None
+            time.sleep(min(failure.wait, MAX_RETRY_AFTER) if failure.wait is not None
+                       else min(backoff * 2 ** (failures - 1), max_backoff))
+            continue
+        problem = None
+        etag = (meta.etag or "").strip('"')
+        if SHA256.fullmatch(etag) and _sha256(path) != etag:
+            problem = f"sha256 mismatch: the hub says {etag[:12]}…"
+        problem = problem or _check_verify(verify, path)
+        if problem is None:
+            os.replace(path, dest)
+            shutil.rmtree(staging, ignore_errors=True)
+            return received
+        shutil.rmtree(staging, ignore_errors=True)  # the file and hf_hub's record of it: fetch it anew
+        corrupt += 1
+        if corrupt > max_corrupt:
+            raise DownloadError(url, f"{problem} (on {corrupt} complete downloads)")
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 @dataclass
 class DownloadJob:
     url: str
     dest: Path
     verify: object = None  # callable(path) or None
+    hub: HubFile | None = None  # a hub file: fetched through huggingface_hub (url is then hub.url)
 
 
 @dataclass
@@ -248,7 +401,10 @@ def download_many(jobs, workers=4, show_progress=True, **kwargs):
     def run(job):
         nonlocal done
         try:
-            nbytes = download_file(job.url, job.dest, verify=job.verify, progress=progress, **kwargs)
+            if job.hub is None:
+                nbytes = download_file(job.url, job.dest, verify=job.verify, progress=progress, **kwargs)
+            else:
+                nbytes = download_hub_file(job.hub, job.dest, verify=job.verify, progress=progress, **kwargs)
             result = DownloadResult(job, ok=True, nbytes=nbytes, skipped=nbytes == 0)
         except DownloadError as e:
             result = DownloadResult(job, ok=False, reason=e.reason)

@@ -3,8 +3,10 @@ and the background download. GPU/network steps are only printed (DRY_RUN=1) exce
 the real download step against a loopback server; nvidia-smi and ptxas are small stand-in programs."""
 
 import fcntl
+import hashlib
 import http.server
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -217,19 +219,36 @@ def test_a_second_run_on_the_same_base_dir_is_refused(tools):
 
 
 class ShardServer(http.server.BaseHTTPRequestHandler):
-    """Serves one small valid shard at every .../shard_NNNNN.parquet, except the indices in `missing` (404)."""
+    """A hub serving one small valid shard at every .../resolve/<commit>/shard_NNNNN.parquet, except the indices
+    in `missing` (404); main is commit COMMIT."""
     body = b""
     missing: set = set()
+    COMMIT = "ab" * 20
 
-    def do_GET(self):
+    def _head(self):
         name = self.path.rsplit("/", 1)[-1]
         if not name.startswith("shard_") or int(name[6:11]) in self.missing:
             self.send_error(404)
-            return
+            return False
         self.send_response(200)
         self.send_header("Content-Length", str(len(self.body)))
+        self.send_header("ETag", f'"{hashlib.sha256(self.body).hexdigest()}"')
+        self.send_header("X-Repo-Commit", self.COMMIT)
         self.end_headers()
-        self.wfile.write(self.body)
+        return True
+
+    def do_HEAD(self):
+        self._head()
+
+    def do_GET(self):
+        if self.path.startswith("/api/") and self.path.endswith("/revision/main"):
+            body = json.dumps({"id": "karpathy/fineweb-edu-100b-shuffle", "sha": self.COMMIT}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif self._head():
+            self.wfile.write(self.body)
 
     def log_message(self, *args):
         pass
