@@ -215,9 +215,13 @@ def _round(x):
 
 
 # ---------------------------------------------------------------------------------------------
-# SVG plots (a tiny writer so the report needs no plotting library)
+# SVG plots (a small writer of our own, so the report needs no plotting library)
 
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+SPARSE_POINTS = 40  # a line with at most this many points (e.g. evals every N steps) gets a marker per point
+LOG_SPAN = 10.0  # a positive axis whose max/min reaches this is drawn log-scale
+# base_train's series drawn together, train loss on the left axis and val bpb on the right
+OVERLAYS = {"base_train": ("train_loss", "val_bpb")}
 
 
 def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -235,6 +239,13 @@ def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return ticks
 
 
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-5 ticks per decade within [lo, hi]; only the powers of ten when that makes too many."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks = [m * 10 ** d for d in decades for m in (1, 2, 5) if lo <= m * 10 ** d <= hi * (1 + 1e-9)]
+    return ticks if len(ticks) <= 9 else [t for t in ticks if math.log10(t) == round(math.log10(t))]
+
+
 def _tick_label(value: float) -> str:
     if value == int(value) and abs(value) < 1e6:
         return str(int(value))
@@ -245,70 +256,122 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
-def svg_line_plot(lines: list[dict], title: str, xlabel: str, ylabel: str, width=640, height=360) -> str:
-    """lines: [{"label", "x": [...], "y": [...]}]. Non-finite points are dropped."""
-    pad_left, pad_right, pad_top, pad_bottom = 64, 16, 32, 48
+class _Axis:
+    """Maps data values to pixels along [p0, p1] (p0 for the low end), linear or log10."""
+
+    def __init__(self, values: list[float], p0: float, p1: float, allow_log: bool):
+        lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+        self.log = allow_log and lo > 0 and hi / lo >= LOG_SPAN
+        if self.log:
+            self.lo, self.hi = lo / 1.1, hi * 1.1  # a little room at both ends
+        else:
+            if hi == lo:
+                lo, hi = lo - 0.5, hi + 0.5
+            self.lo, self.hi = lo, hi
+        self.p0, self.p1 = p0, p1
+
+    def __call__(self, v: float) -> float:
+        if self.log:
+            f = (math.log10(v) - math.log10(self.lo)) / (math.log10(self.hi) - math.log10(self.lo))
+        else:
+            f = (v - self.lo) / (self.hi - self.lo)
+        return self.p0 + f * (self.p1 - self.p0)
+
+    def ticks(self) -> list[float]:
+        return _log_ticks(self.lo, self.hi) if self.log else _nice_ticks(self.lo, self.hi)
+
+
+def svg_line_plot(lines: list[dict], title: str, xlabel: str, ylabel: str, right_ylabel: str | None = None,
+                  width=720, height=360) -> str:
+    """lines: [{"label", "x": [...], "y": [...], "axis": "left" | "right"}]; non-finite points are dropped.
+
+    A y axis whose positive values span a factor of LOG_SPAN or more is log-scale; sparse lines get a marker per
+    point; the legend sits right of the plot area, never on the data; `right_ylabel` adds a second y axis for
+    the lines with axis "right".
+    """
+    pad_left, pad_top, pad_bottom = 64, 32, 48
+    pad_right = 180 + (56 if right_ylabel else 0)  # the legend column (and the right axis)
+    plot_w, plot_h = width - pad_left - pad_right, height - pad_top - pad_bottom
+    x0, x1, y_bottom, y_top = pad_left, pad_left + plot_w, pad_top + plot_h, pad_top
     points = [[(float(x), float(y)) for x, y in zip(line["x"], line["y"])
                if y is not None and math.isfinite(float(y)) and math.isfinite(float(x))] for line in lines]
-    xs = [p[0] for pts in points for p in pts] or [0.0, 1.0]
-    ys = [p[1] for pts in points for p in pts] or [0.0, 1.0]
-    x_lo, x_hi = min(xs), max(xs)
-    y_lo, y_hi = min(ys), max(ys)
-    if x_hi == x_lo:
-        x_hi = x_lo + 1
-    if y_hi == y_lo:
-        y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
-    plot_w, plot_h = width - pad_left - pad_right, height - pad_top - pad_bottom
-
-    def sx(x):
-        return pad_left + (x - x_lo) / (x_hi - x_lo) * plot_w
-
-    def sy(y):
-        return pad_top + (1 - (y - y_lo) / (y_hi - y_lo)) * plot_h
+    sides = [line.get("axis", "left") if right_ylabel else "left" for line in lines]
+    xs = [p[0] for pts in points for p in pts]
+    x_axis = _Axis(xs, x0, x1, allow_log=False)
+    if xs and min(xs) == max(xs):
+        x_axis = _Axis([xs[0], xs[0] + 1], x0, x1, allow_log=False)
+    y_axes = {side: _Axis([p[1] for pts, s in zip(points, sides) if s == side for p in pts], y_bottom, y_top, True)
+              for side in set(sides) | {"left"}}
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" font-size="14">{_escape(title)}</text>']
-    for t in _nice_ticks(y_lo, y_hi):
-        y = sy(t)
-        out.append(f'<line x1="{pad_left}" y1="{y:.1f}" x2="{width - pad_right}" y2="{y:.1f}" stroke="#ddd"/>')
-        out.append(f'<text x="{pad_left - 6}" y="{y + 4:.1f}" text-anchor="end">{_tick_label(t)}</text>')
-    for t in _nice_ticks(x_lo, x_hi):
-        x = sx(t)
-        out.append(f'<line x1="{x:.1f}" y1="{pad_top}" x2="{x:.1f}" y2="{height - pad_bottom}" stroke="#eee"/>')
-        out.append(f'<text x="{x:.1f}" y="{height - pad_bottom + 16}" text-anchor="middle">{_tick_label(t)}</text>')
-    out.append(f'<rect x="{pad_left}" y="{pad_top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>')
-    out.append(f'<text x="{pad_left + plot_w / 2:.1f}" y="{height - 10}" text-anchor="middle">{_escape(xlabel)}</text>')
-    out.append(f'<text x="14" y="{pad_top + plot_h / 2:.1f}" text-anchor="middle" '
-               f'transform="rotate(-90 14 {pad_top + plot_h / 2:.1f})">{_escape(ylabel)}</text>')
-    for i, (line, pts) in enumerate(zip(lines, points)):
+           f'<text x="{pad_left + plot_w / 2:.1f}" y="18" text-anchor="middle" font-size="14">{_escape(title)}</text>']
+    left = y_axes["left"]
+    for t in left.ticks():
+        y = left(t)
+        out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}" stroke="#ddd"/>')
+        out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">{_tick_label(t)}</text>')
+    if "right" in y_axes and right_ylabel:
+        for t in y_axes["right"].ticks():
+            y = y_axes["right"](t)
+            out.append(f'<line x1="{x1}" y1="{y:.1f}" x2="{x1 + 4}" y2="{y:.1f}" stroke="#333"/>')
+            out.append(f'<text x="{x1 + 7}" y="{y + 4:.1f}" text-anchor="start">{_tick_label(t)}</text>')
+        yc = pad_top + plot_h / 2
+        out.append(f'<text x="{x1 + 50}" y="{yc:.1f}" text-anchor="middle" '
+                   f'transform="rotate(90 {x1 + 50} {yc:.1f})">{_escape(right_ylabel)}</text>')
+    for t in x_axis.ticks():
+        x = x_axis(t)
+        out.append(f'<line x1="{x:.1f}" y1="{y_top}" x2="{x:.1f}" y2="{y_bottom}" stroke="#eee"/>')
+        out.append(f'<text x="{x:.1f}" y="{y_bottom + 16}" text-anchor="middle">{_tick_label(t)}</text>')
+    out.append(f'<rect x="{x0}" y="{y_top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#333"/>')
+    out.append(f'<text x="{x0 + plot_w / 2:.1f}" y="{height - 10}" text-anchor="middle">{_escape(xlabel)}</text>')
+    yc = pad_top + plot_h / 2
+    out.append(f'<text x="14" y="{yc:.1f}" text-anchor="middle" transform="rotate(-90 14 {yc:.1f})">'
+               f'{_escape(ylabel)}{" (log scale)" if left.log else ""}</text>')
+    legend_x = x1 + (70 if right_ylabel else 14)
+    for i, (line, pts, side) in enumerate(zip(lines, points, sides)):
         color = _COLORS[i % len(_COLORS)]
-        if len(pts) == 1:
-            out.append(f'<circle cx="{sx(pts[0][0]):.1f}" cy="{sy(pts[0][1]):.1f}" r="3" fill="{color}"/>')
-        elif pts:
-            path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        y_axis = y_axes[side]
+        coords = [(x_axis(x), y_axis(y)) for x, y in pts]
+        if len(coords) > 1:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
             out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{path}"/>')
-        out.append(f'<text x="{pad_left + 8}" y="{pad_top + 14 + 14 * i}" fill="{color}">{_escape(line.get("label", ""))}</text>')
+        if len(coords) <= SPARSE_POINTS:
+            out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"/>' for x, y in coords]
+        ly = pad_top + 8 + 16 * i
+        label = line.get("label", "") + (" (right axis)" if side == "right" else "")
+        out.append(f'<line x1="{legend_x}" y1="{ly:.1f}" x2="{legend_x + 16}" y2="{ly:.1f}" stroke="{color}" '
+                   f'stroke-width="2"/>')
+        out.append(f'<text x="{legend_x + 20}" y="{ly + 4:.1f}" fill="{color}">{_escape(label)}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
 
 def write_plots(sections: dict, folder: Path) -> list[tuple[str, str]]:
-    """One SVG per recorded series, grouped by (stage, ylabel); returns [(title, relative path)]."""
+    """One SVG per recorded series group, grouped by (stage, ylabel), plus the OVERLAYS; [(title, relative path)]."""
     plots = []
+
+    def save(stage, name, svg, title):
+        slug = f"{stage}-{''.join(c if c.isalnum() else '_' for c in name)}.svg"
+        atomic_write_text(folder / "plots" / slug, svg)
+        plots.append((title, f"plots/{slug}"))
+
     for stage, record in sections.items():
+        series = {name: s for name, s in (record.get("series") or {}).items() if s.get("x")}
+        overlay = OVERLAYS.get(stage)
+        if overlay and all(name in series for name in overlay):
+            left, right = (series[name] for name in overlay)
+            title = f"{STAGE_TITLES[stage]}: {left.get('ylabel')} and {right.get('ylabel')}"
+            lines = [{"label": overlay[0], **left, "axis": "left"}, {"label": overlay[1], **right, "axis": "right"}]
+            save(stage, "overlay", svg_line_plot(lines, title, left.get("xlabel", "step"), left.get("ylabel", ""),
+                                                 right_ylabel=right.get("ylabel", "")), title)
         groups: dict[str, list] = {}
-        for name, s in (record.get("series") or {}).items():
-            if not s.get("x"):
-                continue
+        for name, s in series.items():
             groups.setdefault(s.get("ylabel", name), []).append({"label": name, **s})
         for ylabel, lines in groups.items():
             title = f"{STAGE_TITLES[stage]}: {ylabel}"
-            slug = f"{stage}-{''.join(c if c.isalnum() else '_' for c in ylabel)}.svg"
-            svg = svg_line_plot(lines, title, lines[0].get("xlabel", "step"), ylabel)
-            atomic_write_text(folder / "plots" / slug, svg)
-            plots.append((title, f"plots/{slug}"))
+            save(stage, ylabel, svg_line_plot(lines, title, lines[0].get("xlabel", "step"), ylabel), title)
     return plots
 
 

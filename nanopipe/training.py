@@ -98,7 +98,7 @@ def read_log(path: Path) -> list[dict]:
 def series_from_log(records: list[dict], key: str, ylabel: str) -> dict:
     """A report series (x = step) of one logged metric."""
     points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
-    return {"x": [s for s, _ in points], "y": [v for _, v in points], "xlabel": "step", "ylabel": ylabel}
+    return {"x": [s for s, _ in points], "y": [v for _, v in points], "xlabel": "optimizer step", "ylabel": ylabel}
 
 
 def resume_training(checkpoint_dir: Path, resume: bool, model, optimizers, loop: dict, device, rank: int,

@@ -471,8 +471,8 @@ def write_report(stage, args, model, plan, loop, final, samples, device, peak, w
     lines.append(f"| train time | {format_duration(data['train_seconds'])} |")
     if samples:
         lines += ["", "Samples (greedy):", ""] + [f"    {s!r}" for s in samples]
-    series = {"train_loss": series_from_log(records, "loss", "train loss"),
-              "val_bpb": series_from_log(records, "val_bpb", "val bpb")}
+    series = {"train_loss": series_from_log(records, "loss", "train loss (nats/token)"),
+              "val_bpb": series_from_log(records, "val_bpb", "val bpb (bits/byte)")}
     stage.report("\n".join(lines), data, series)
 
 

@@ -271,8 +271,8 @@ def train(args, stage):
               f"| val loss (held-out conversations) | {_fmt(data['initial_val_loss'])} before, "
               f"{_fmt(data['val_loss'])} after |",
               f"| tok/s | {_fmt(tok_per_sec, 0)} |", f"| train time | {format_duration(loop['train_seconds'])} |"]
-    series = {"sft train loss": series_from_log(records, "loss", "loss"),
-              "sft val loss": series_from_log(records, "val_loss", "loss")}
+    series = {"sft train loss": series_from_log(records, "loss", "loss (nats/token)"),
+              "sft val loss": series_from_log(records, "val_loss", "loss (nats/token)")}
     stage.report("\n".join(lines), data, series)
     cleanup_distributed()
 

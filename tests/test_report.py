@@ -1,3 +1,4 @@
+import math
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -92,3 +93,49 @@ def test_stage_user_error_is_one_line_exit_2(tmp_path):
 def test_unknown_stage_name_rejected():
     with pytest.raises(ValueError):
         Stage("nope")
+
+
+def _svg(path):
+    root = ET.fromstring(path.read_text())
+    texts = {el.text: el for el in root.iter() if el.tag.endswith("text") and el.text}
+    return root, texts
+
+
+def test_plots_are_readable(tmp_path):
+    """Log-scale loss axis when losses span orders of magnitude, markers on sparse evals, the legend beside the
+    plot area, units on the axes, and one plot overlaying train loss and val bpb on two axes."""
+    steps = list(range(1, 201))
+    loss = [10.0 * 0.97 ** s + 0.3 for s in steps]  # 10.3 down to 0.3: more than a factor of 10
+    evals = [25, 50, 100, 150, 200]
+    series = {"train_loss": {"x": steps, "y": loss, "xlabel": "optimizer step", "ylabel": "train loss (nats/token)"},
+              "val_bpb": {"x": evals, "y": [1.5, 1.1, 0.8, 0.7, 0.65], "xlabel": "optimizer step",
+                          "ylabel": "val bpb (bits/byte)"}}
+    report.write_section("base_train", "Trained.", {}, series=series)
+    out = report.generate()
+    plots = out.parent / "plots"
+    assert sorted(p.name for p in plots.iterdir()) == [
+        "base_train-overlay.svg", "base_train-train_loss__nats_token_.svg", "base_train-val_bpb__bits_byte_.svg"]
+    assert "![Base model training: train loss (nats/token) and val bpb (bits/byte)](plots/base_train-overlay.svg)" \
+        in out.read_text()
+
+    root, texts = _svg(plots / "base_train-train_loss__nats_token_.svg")
+    assert "train loss (nats/token) (log scale)" in texts and "optimizer step" in texts
+    y = {v: float(texts[v].get("y")) for v in ("0.5", "1", "5")}
+    # log scale: distances go by ratios, so 0.5 -> 1 and 1 -> 5 are log10(2) : log10(5) apart
+    ratio = (y["0.5"] - y["1"]) / (y["1"] - y["5"])
+    assert abs(ratio - math.log10(2) / math.log10(5)) < 0.02
+    assert not [el for el in root.iter() if el.tag.endswith("circle")]  # 200 points: a line, no markers
+    frame = next(el for el in root.iter() if el.tag.endswith("rect") and el.get("fill") == "none")
+    plot_right = float(frame.get("x")) + float(frame.get("width"))
+    assert float(texts["train_loss"].get("x")) > plot_right  # the legend is beside the data, not on it
+
+    root, texts = _svg(plots / "base_train-val_bpb__bits_byte_.svg")
+    assert "val bpb (bits/byte)" in texts  # 1.5 / 0.65 < 10: linear
+    assert len([el for el in root.iter() if el.tag.endswith("circle")]) == len(evals)  # a marker per eval
+
+    root, texts = _svg(plots / "base_train-overlay.svg")
+    assert "train loss (nats/token) (log scale)" in texts and "val bpb (bits/byte)" in texts
+    assert "val_bpb (right axis)" in texts
+    assert len([el for el in root.iter() if el.tag.endswith("polyline")]) == 2
+    right_ticks = [el for el in root.iter() if el.tag.endswith("text") and el.get("text-anchor") == "start"]
+    assert right_ticks and all(float(el.get("x")) > plot_right - 200 for el in right_ticks)
