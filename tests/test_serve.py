@@ -229,9 +229,10 @@ def test_server_keeps_serving_after_a_client_disconnects_mid_stream(server, orac
     reply = ask(server, QUESTIONS[0], max_tokens=24).json()
     assert reply["choices"][0]["message"]["content"] == oracle(QUESTIONS[0])[0]
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # the worker finishes (or cancels) the hung-up streams, then idles
         health = requests.get(server.url + "/health", timeout=30).json()
-        if health["served"] + health["cancelled"] >= before["served"] + before["cancelled"] + 4:
+        if health["served"] + health["cancelled"] >= before["served"] + before["cancelled"] + 4 \
+                and health["running"] == 0 and health["queued"] == 0:
             break
         time.sleep(0.2)
     assert health["served"] + health["cancelled"] >= before["served"] + before["cancelled"] + 4
@@ -306,13 +307,24 @@ def test_web_chat_in_a_real_browser(server, oracle):
             assert all(b.startswith(a) for a, b in zip(shown, shown[1:]))
             if "⟦calc: " in text:  # tool calls are set apart as the CLI marks them
                 assert page.text_content(".msg.assistant .calc").startswith("⟦calc: ")
-            # a second question goes with the history; Stop ends a reply and the page stays usable
-            page.fill("#max-tokens", "40")
+            # Stop while a reply is pending: the request is held in the browser, so the click surely lands first
+            held = []
+            page.route("**/v1/chat/completions", lambda route: held.append(route))
             page.fill("#input", QUESTIONS[1])
             page.press("#input", "Enter")
+            page.wait_for_function("!document.getElementById('stop').disabled")
             page.click("#stop")
-            page.wait_for_selector(".msg.assistant:nth-of-type(4)[data-done='1']", timeout=60_000)
+            stopped = page.locator(".msg.assistant").nth(1)
+            stopped.wait_for(state="attached")
+            page.wait_for_selector(".msg.assistant[data-done='1'] >> nth=1", timeout=60_000)
+            assert stopped.text_content().endswith("[stopped]")
             assert page.is_enabled("#send") and page.is_disabled("#stop")
+            page.unroute("**/v1/chat/completions")
+            # the page stays usable: a third question, with the whole history, gets its answer
+            page.fill("#input", QUESTIONS[2])
+            page.press("#input", "Enter")
+            page.wait_for_selector(".msg.assistant[data-done='1'] >> nth=2", timeout=60_000)
+            assert page.locator(".msg.assistant").nth(2).text_content()
             assert page.locator(".msg.error").count() == 0
         finally:
             browser.close()
