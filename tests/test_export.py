@@ -1,8 +1,10 @@
 """The Hugging Face export: a tiny trained model exported, loaded back with transformers, compared with nanopipe."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,3 +210,61 @@ def test_push_without_a_token_fails_before_exporting(chat_world, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: --push-to-hub needs a Hugging Face token")
     assert not out.exists()
+
+
+LM_EVAL_TASK = """task: nanopipe_tiny
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+@pytest.mark.slow
+def test_lm_eval_harness_scores_the_export_as_nanopipe_does(exported, world, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` on a tiny local multiple-choice
+    task: every choice's log-likelihood equals nanopipe's own for the same tokens."""
+    if shutil.which("lm_eval") is None and not (Path(sys.executable).parent / "lm_eval").exists():
+        pytest.skip("lm-evaluation-harness is not installed (pip install lm_eval accelerate)")
+    rows = [{"question": "The capital of Varnel is", "choices": ["Orlin", "Tessa", "blue"], "answer": 0},
+            {"question": "What is 3 plus 4? It is", "choices": ["7", "2"], "answer": 0},
+            {"question": "The cat sat on the", "choices": ["mat", "sky", "seven"], "answer": 1}]
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny.yaml").write_text(LM_EVAL_TASK.format(data=tmp_path / "tiny.jsonl"))
+    lm_eval = shutil.which("lm_eval") or str(Path(sys.executable).parent / "lm_eval")
+    result = subprocess.run([lm_eval, "--model", "hf", "--model_args",
+                             f"pretrained={exported},trust_remote_code=True,add_bos_token=True",
+                             "--tasks", "nanopipe_tiny", "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
+                             "--batch_size", "2", "--output_path", str(tmp_path / "out"), "--log_samples"],
+                            env=subprocess_env(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", HF_HOME=tmp_path / "hf"),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = [json.loads(line) for f in (tmp_path / "out").rglob("samples_nanopipe_tiny_*.jsonl")
+               for line in f.read_text().splitlines()]
+    assert len(samples) == len(rows)
+    model, tokenizer, _ = load_model("sft", "d2")
+    correct = 0
+    for sample in samples:
+        row = rows[sample["doc_id"]]
+        ours = []
+        for choice in row["choices"]:
+            context = tokenizer.encode(row["question"], prepend=tokenizer.bos_token_id)
+            # lm_eval joins context and choice with its default target_delimiter, a space
+            whole = tokenizer.encode(row["question"] + " " + choice, prepend=tokenizer.bos_token_id)
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0], dim=-1)
+            ours.append(sum(logprobs[i - 1, whole[i]].item() for i in range(len(context), len(whole))))
+        theirs = [float(resp[0][0]) for resp in sample["resps"]]
+        assert theirs == pytest.approx(ours, abs=1e-3)
+        correct += int(max(range(len(ours)), key=ours.__getitem__) == row["answer"])
+        assert sample["acc"] == (max(range(len(theirs)), key=theirs.__getitem__) == row["answer"])
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert results["results"]["nanopipe_tiny"]["acc,none"] == pytest.approx(correct / len(rows))
