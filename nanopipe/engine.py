@@ -10,6 +10,9 @@ Tool use: tokens a row produces between <|python_start|> and <|python_end|> are 
 following steps instead of sampled tokens (the model never has to predict tool output). `use_tools=False`
 turns this off, for measuring what the calculator is worth.
 
+`ReplyDecoder` turns a reply's tokens into what a person sees (calculator calls as ⟦calc: expression → result⟧,
+multi-byte characters only once complete) and into conversation parts; the CLI and the server share it.
+
 `greedy_samples` continues a few fixed prompts greedily: the quick look at a base model that base_train and
 base_eval print and report.
 
@@ -156,3 +159,49 @@ def greedy_samples(model, tokenizer, prompts: list[str], max_tokens: int = 16) -
         sequences, _ = engine.generate_batch(ids, max_tokens=max_tokens, temperature=0.0)
         samples.append(tokenizer.decode(sequences[0][1:]))  # the prompt and the continuation, without <|bos|>
     return samples
+
+
+# how a reply's calculator calls are shown to a person (chat_cli, chat_serve, the web chat)
+TOOL_MARKS = {"<|python_start|>": "⟦calc: ", "<|python_end|>": "", "<|output_start|>": " → ", "<|output_end|>": "⟧"}
+PART_STARTS = {"<|python_start|>": "python", "<|output_start|>": "python_output"}
+
+
+class ReplyDecoder:
+    """Turns a reply's tokens, one at a time, into the text to show (tool calls marked) and into parts."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.marks = {tokenizer.encode_special(name): text for name, text in TOOL_MARKS.items()}
+        self.starts = {tokenizer.encode_special(name): kind for name, kind in PART_STARTS.items()}
+        self.parts, self.kind, self.run, self.shown = [], "text", [], ""
+
+    def _close_run(self):
+        if self.run:
+            self.parts.append({"type": self.kind, "text": self.tokenizer.decode(self.run)})
+        self.run, self.shown = [], ""
+
+    def feed(self, token: int) -> str:
+        """The new visible text after `token` ("" while a multi-byte character is incomplete)."""
+        if token in self.marks:
+            self._close_run()
+            self.kind = self.starts.get(token, "text")  # an end token returns to text
+            return self.marks[token]
+        self.run.append(token)
+        text = self.tokenizer.decode(self.run)
+        if text.endswith("\ufffd"):
+            return ""
+        new = text[len(self.shown):] if text.startswith(self.shown) else text
+        self.shown = text
+        return new
+
+    def flush(self) -> str:
+        """What feed held back at the end of the reply (an incomplete character, shown as U+FFFD)."""
+        text = self.tokenizer.decode(self.run)
+        new = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown = text
+        return new
+
+    def finish(self) -> list[dict]:
+        """The reply as conversation content parts (text / python / python_output), empty runs left out."""
+        self._close_run()
+        return self.parts

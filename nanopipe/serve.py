@@ -22,48 +22,13 @@ from pathlib import Path
 import torch
 
 from nanopipe.common import autocast
-from nanopipe.engine import Engine
+from nanopipe.engine import Engine, ReplyDecoder
 
 PAGE = Path(__file__).with_name("chat_ui.html")
-TOOL_MARKS = {"<|python_start|>": "⟦calc: ", "<|python_end|>": "", "<|output_start|>": " → ", "<|output_end|>": "⟧"}
-PART_STARTS = {"<|python_start|>": "python", "<|output_start|>": "python_output"}
 
 
 class RequestError(ValueError):
     """A request the client must fix: answered 400 with the message."""
-
-
-class ReplyDecoder:
-    """Turns a reply's tokens, one at a time, into the text to show (tool calls marked) and into parts."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.marks = {tokenizer.encode_special(name): text for name, text in TOOL_MARKS.items()}
-        self.starts = {tokenizer.encode_special(name): kind for name, kind in PART_STARTS.items()}
-        self.parts, self.kind, self.run, self.shown = [], "text", [], ""
-
-    def _close_run(self):
-        if self.run:
-            self.parts.append({"type": self.kind, "text": self.tokenizer.decode(self.run)})
-        self.run, self.shown = [], ""
-
-    def feed(self, token: int) -> str:
-        """The new visible text after `token` ("" while a multi-byte character is incomplete)."""
-        if token in self.marks:
-            self._close_run()
-            self.kind = self.starts.get(token, "text")  # an end token returns to text
-            return self.marks[token]
-        self.run.append(token)
-        text = self.tokenizer.decode(self.run)
-        if text.endswith("\ufffd"):
-            return ""
-        new = text[len(self.shown):] if text.startswith(self.shown) else text
-        self.shown = text
-        return new
-
-    def finish(self) -> list[dict]:
-        self._close_run()
-        return self.parts
 
 
 def _content_text(content, index: int) -> str | list:
@@ -194,6 +159,8 @@ class Worker:
             text = decoder.feed(token)
             if text:
                 job.send(("delta", text))
+        if text := decoder.flush():
+            job.send(("delta", text))
         self.stats["served"] += 1
         job.send(("done", finish, decoder.finish(), {"prompt_tokens": len(spec["prompt"]), "completion_tokens": count,
                                                      "total_tokens": len(spec["prompt"]) + count}))

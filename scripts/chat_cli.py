@@ -14,11 +14,8 @@ import sys
 
 from nanopipe.checkpoint import load_model
 from nanopipe.common import autocast, autodetect_device, autodetect_dtype
-from nanopipe.engine import Engine
+from nanopipe.engine import Engine, ReplyDecoder
 from nanopipe.stage import Stage
-
-TOOL_MARKS = {"<|python_start|>": "⟦calc: ", "<|python_end|>": "", "<|output_start|>": " → ", "<|output_end|>": "⟧"}
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m scripts.chat_cli", description=__doc__.split("\n")[0])
@@ -51,7 +48,6 @@ class ChatSession:
         self.sampling = dict(temperature=temperature, top_k=top_k)
         self.max_new_tokens = max_new_tokens
         self.seed = seed
-        self.marks = {tokenizer.encode_special(name): text for name, text in TOOL_MARKS.items()}
         self.messages: list[dict] = []
 
     def clear(self):
@@ -63,7 +59,7 @@ class ChatSession:
         self.messages, prompt = fit_to_context(self.tokenizer, self.messages,
                                                max(1, self.context - min(self.max_new_tokens, self.context // 2)))
         max_tokens = max(1, self.context - len(prompt))
-        reply_tokens, chunk = [], []
+        decoder = ReplyDecoder(self.tokenizer)
         self.seed += 1
         try:
             for step in self.engine.generate(prompt, max_tokens=min(max_tokens, self.max_new_tokens),
@@ -71,40 +67,15 @@ class ChatSession:
                 token, _ = step[0]
                 if token is None or token in self.engine.stop_tokens:
                     break
-                reply_tokens.append(token)
-                if token in self.marks:
-                    chunk = []
-                    write(self.marks[token])
-                else:
-                    # decode the pending run of ordinary tokens and print only what is new (multi-byte chars)
-                    before = self.tokenizer.decode(chunk)
-                    chunk.append(token)
-                    after = self.tokenizer.decode(chunk)
-                    if not after.endswith("\ufffd"):
-                        write(after[len(before):] if after.startswith(before) else after)
+                write(decoder.feed(token))
                 sys.stdout.flush()
         except KeyboardInterrupt:
             write("  [stopped]")
-        write("\n")
-        self.messages.append({"role": "assistant", "content": self._parts(reply_tokens)})
-
-    def _parts(self, tokens: list[int]):
-        """The reply as conversation content: text, plus python / python_output parts for tool use."""
-        t = self.tokenizer
-        kinds = {t.encode_special("<|python_start|>"): "python", t.encode_special("<|output_start|>"): "python_output"}
-        ends = {t.encode_special("<|python_end|>"), t.encode_special("<|output_end|>")}
-        parts, kind, chunk = [], "text", []
-        for token in tokens + [None]:
-            if token is None or token in kinds or token in ends:
-                if chunk:
-                    parts.append({"type": kind, "text": t.decode(chunk)})
-                chunk = []
-                kind = kinds.get(token, "text")
-            else:
-                chunk.append(token)
+        write(decoder.flush() + "\n")
+        parts = decoder.finish()  # the reply as conversation content: text, plus python / python_output parts
         if all(p["type"] == "text" for p in parts):
-            return "".join(p["text"] for p in parts)
-        return parts
+            parts = "".join(p["text"] for p in parts)
+        self.messages.append({"role": "assistant", "content": parts})
 
 
 def main(argv=None):

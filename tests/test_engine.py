@@ -3,7 +3,7 @@ next token is a fixed function of the current one, wired to walk through a calcu
 
 import torch
 
-from nanopipe.engine import Engine, greedy_samples
+from nanopipe.engine import Engine, ReplyDecoder, greedy_samples
 from nanopipe.gpt import GPTConfig, build_model
 from tests.conftest import noisy_gpt
 
@@ -156,3 +156,21 @@ def test_greedy_samples_are_the_prompt_and_its_continuation_up_to_a_stop(tokeniz
     model = successor_model(tokenizer, chain(tokenizer, tokenizer.encode(prompt)[-1:], words, [tokenizer.bos_token_id]))
     assert greedy_samples(model, tokenizer, [prompt, prompt], max_tokens=16) == [prompt + " Quen is Lorv"] * 2
     assert greedy_samples(model, tokenizer, [prompt], max_tokens=2) == [prompt + tokenizer.decode(words[:2])]
+
+
+def test_reply_decoder_shows_whole_characters_and_marks_tool_calls(tokenizer):
+    """Multi-byte characters split over byte tokens appear once complete; calculator calls are marked as the CLI
+    shows them and become python / python_output parts; what was shown adds up to the whole reply."""
+    special = tokenizer.encode_special
+    text_ids = tokenizer.encode("Größe ≈ 5 ")
+    reply = [*text_ids, special("<|python_start|>"), *tokenizer.encode("2+3"), special("<|python_end|>"),
+             special("<|output_start|>"), *tokenizer.encode("5"), special("<|output_end|>"),
+             *tokenizer.encode(" so 5 ✓"), *tokenizer.encode("é")[:1]]  # the last character cut mid-way
+    assert len(tokenizer.encode("é")) > 1  # a character of two byte tokens
+    decoder = ReplyDecoder(tokenizer)
+    shown = [decoder.feed(t) for t in reply]
+    assert all("\ufffd" not in piece for piece in shown)
+    tail = decoder.flush()
+    assert "".join(shown) + tail == "Größe ≈ 5 ⟦calc: 2+3 → 5⟧ so 5 ✓\ufffd"
+    assert decoder.finish() == [{"type": "text", "text": "Größe ≈ 5 "}, {"type": "python", "text": "2+3"},
+                                {"type": "python_output", "text": "5"}, {"type": "text", "text": " so 5 ✓\ufffd"}]

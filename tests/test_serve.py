@@ -15,8 +15,7 @@ import requests
 
 from nanopipe.checkpoint import load_model
 from nanopipe.engine import Engine
-from nanopipe.serve import TOOL_MARKS
-from scripts.chat_cli import ChatSession
+from nanopipe.engine import TOOL_MARKS
 from tests.conftest import subprocess_env
 
 pytest.importorskip("fastapi", reason="the server tests need the serve extra: pip install -e '.[serve]'")
@@ -76,7 +75,6 @@ def oracle(chat_world):
         model, tokenizer, _ = load_model("sft", "d2")
     engine = Engine(model, tokenizer)
     marks = {tokenizer.encode_special(name): text for name, text in TOOL_MARKS.items()}
-    cli = ChatSession(model, tokenizer, 0.0, 50, 40, 0)
     cache = {}
 
     def reply(question, max_tokens=24):
@@ -89,17 +87,19 @@ def oracle(chat_world):
                     stopped = True
                     break
                 tokens.append(token)
-            # the text: each run of ordinary tokens decoded whole, tool tokens as the CLI marks them
-            text, run = "", []
+            # each run of ordinary tokens decoded whole; tool tokens marked as the CLI shows them, and starting parts
+            text, run, parts, kind = "", [], [], "text"
+            kinds = {tokenizer.encode_special("<|python_start|>"): "python",
+                     tokenizer.encode_special("<|output_start|>"): "python_output"}
             for token in tokens + [None]:
                 if token is None or token in marks:
                     text += tokenizer.decode(run) + (marks[token] if token is not None else "")
-                    run = []
+                    if run:
+                        parts.append({"type": kind, "text": tokenizer.decode(run)})
+                    run, kind = [], kinds.get(token, "text")
                 else:
                     run.append(token)
-            parts = cli._parts(tokens)
-            parts = [{"type": "text", "text": parts}] if isinstance(parts, str) else parts
-            cache[question, max_tokens] = text, [p for p in parts if p["text"]], tokens, stopped
+            cache[question, max_tokens] = text, parts, tokens, stopped
         return cache[question, max_tokens]
     return reply
 
