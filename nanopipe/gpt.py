@@ -1,11 +1,14 @@
 """The GPT model: a decoder-only transformer whose every size follows from --depth.
 
-The block is nanochat's, as in the fork that ran the DGX Spark speedrun:
-- token embedding, then a weightless RMSNorm; its output x0 is mixed back in before every block
-  through learnable per-layer scalars (x = resid_lambda * x + x0_lambda * x0)
-- pre-norm blocks: attention (RoPE, then QK-norm, causal SDPA) and a 4x ReLU² MLP; no biases, no dropout
+The block and its initialisation are upstream nanochat's (2026-07 recipe):
+- token embedding, then a weightless RMSNorm, then "smear": each token adds a gated copy of the previous
+  token's embedding (a cheap bigram feature; the gate starts closed). Its output x0 is mixed back in before
+  every block through learnable per-layer scalars (x = resid_lambda * x + x0_lambda * x0)
+- pre-norm blocks: attention (RoPE base 100k, then QK-norm and a x1.2 q/k scale, causal SDPA) and a 4x ReLU²
+  MLP; no biases, no dropout
 - value embeddings (ResFormer) on alternating layers, always including the last: a per-layer token
-  embedding added into v through a small input-dependent gate that starts at 1.0
+  embedding added into v through a small input-dependent gate in (0, 3)
+- "backout": a learnable fraction of the residual stream at the middle layer is subtracted before the head
 - untied lm_head, logits softcapped at 15 and returned in float32
 
 Weights are kept in fp32 (the optimizer's master copy); on CUDA the training loop runs the forward under
@@ -21,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LOGIT_SOFTCAP = 15.0
-VE_GATE_CHANNELS = 32  # the value-embedding gate looks at the first 32 channels of the block input
 
 
 @dataclass
@@ -32,10 +34,14 @@ class GPTConfig:
     n_head: int = 6
     n_kv_head: int = 6
     n_embd: int = 768
-    # 10k as in the nanochat fork whose d12 numbers we compare against (upstream moved to 100k together
-    # with other changes at seq 2048). With head_dim 64..128 the slowest pair still turns only ~0.1 rad over
-    # 1k positions at 10k, so both bases resolve every position we train on; 10k keeps us comparable.
-    rope_base: float = 10000.0
+    # 100k (upstream, was 10k): slower-turning channel pairs keep more of each head usable for content
+    rope_base: float = 100000.0
+    # q and k are scaled by this after QK-norm: unit-RMS q/k give too flat attention at the 1/sqrt(d) scale
+    qk_scale: float = 1.2
+    # the value-embedding gate reads this many leading channels of the block input (3 * sigmoid, one per head)
+    ve_gate_channels: int = 12
+    # the smear gate reads this many leading channels of the token's normalised embedding
+    smear_gate_channels: int = 24
 
     @property
     def head_dim(self) -> int:
@@ -78,13 +84,15 @@ class KVCache:
 
     Every layer writes its new k/v at `pos` and attends over [:pos + T]; GPT.forward advances `pos` by T
     after the last layer. Typical use: prefill a batch-1 cache with the prompt, `expand_from` it into an
-    N-row cache, then feed one token per row per step.
+    N-row cache, then feed one token per row per step. `prev_embedding` (B, 1, n_embd) is the last cached
+    token's normalised embedding, which smear mixes into the next token.
     """
 
     def __init__(self, batch_size: int, max_len: int, config: GPTConfig, device=None, dtype=torch.float32):
         shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.prev_embedding = None
         self.pos = 0
 
     @property
@@ -97,6 +105,7 @@ class KVCache:
 
     def reset(self):
         self.pos = 0
+        self.prev_embedding = None
 
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, H, T, D) at the current position; return this layer's keys/values so far."""
@@ -116,6 +125,8 @@ class KVCache:
             raise ValueError("expand_from needs a batch-1 cache that fits into this one")
         self.k[:, :, :, :other.pos] = other.k[:, :, :, :other.pos]
         self.v[:, :, :, :other.pos] = other.v[:, :, :, :other.pos]
+        if other.prev_embedding is not None:
+            self.prev_embedding = other.prev_embedding.expand(self.batch_size, -1, -1).clone()
         self.pos = other.pos
 
 
@@ -130,9 +141,11 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.ve_gate_channels = min(VE_GATE_CHANNELS, config.n_embd)
+        self.ve_gate_channels = min(config.ve_gate_channels, config.n_embd)
         self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
                         if has_value_embedding(layer_idx, config.n_layer) else None)
+        # q·k is scaled by qk_scale² on top of 1/sqrt(d): the same logits as scaling q and k, without two passes
+        self.attn_scale = config.qk_scale ** 2 / math.sqrt(self.head_dim)
 
     def forward(self, x, ve, cos, sin, kv_cache):
         B, T, C = x.shape
@@ -140,26 +153,26 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         if ve is not None:
-            # gate in (0, 2), exactly 1 at init (ve_gate is zero-initialised)
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
+            # gate in (0, 3), about 1.5 at init (ve_gate starts small and positive)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        gqa = self.n_head != self.n_kv_head
+        gqa, scale = self.n_head != self.n_kv_head, self.attn_scale
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             past = kv_cache.pos
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
             if past == 0:  # prefill from an empty cache: plain causal attention
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
             elif T == 1:  # one new token sees everything cached
-                y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+                y = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
             else:  # a chunk after a prefix: query i sees keys up to past + i
                 mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -201,7 +214,11 @@ class GPT(nn.Module):
         self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(vocab, kv_dim) for i in range(config.n_layer)
                                            if has_value_embedding(i, config.n_layer)})
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
-        self.x0_lambdas = nn.Parameter(torch.full((config.n_layer,), 0.1))
+        self.x0_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.smear_gate = nn.Linear(min(config.smear_gate_channels, config.n_embd), 1, bias=False)
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_lambda = nn.Parameter(torch.zeros(1))
+        self.backout_layer = config.n_layer // 2  # the residual stream after this block is backed out
         # rotary tables for 10x the training length, so longer prompts at inference still get positions
         self.rotary_len = 10 * config.sequence_len
         cos, sin = self._rotary_tables(self.rotary_len)
@@ -218,20 +235,29 @@ class GPT(nn.Module):
     def init_weights(self):
         n_embd = self.config.n_embd
         bound = math.sqrt(3) / math.sqrt(n_embd)  # uniform with std 1/sqrt(d)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        # std 0.8 (not 1): the normalised embedding is the same, but its Adam steps move it relatively further
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(linear.weight, -bound, bound)
+            # c_fc at 0.4x: smaller pre-activations keep ReLU² from starting with a few huge features
+            nn.init.uniform_(block.mlp.c_fc.weight, -0.4 * bound, 0.4 * bound)
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)
+            if block.attn.ve_gate is not None:  # small positive weights: gates start near 1.5, not all equal
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         for embedding in self.value_embeds.values():
             nn.init.uniform_(embedding.weight, -bound, bound)
-        self.resid_lambdas.fill_(1.0)
-        self.x0_lambdas.fill_(0.1)
+        # linear ramps over depth: early layers amplify their residual more and read more of x0 than late ones
+        depth_frac = torch.arange(self.config.n_layer, dtype=torch.float32) / max(self.config.n_layer - 1, 1)
+        self.resid_lambdas.copy_(1.15 - 0.10 * depth_frac)
+        self.x0_lambdas.copy_(0.20 - 0.15 * depth_frac)
+        # smear starts exactly off (lambda 0) with a gate that can already learn; backout starts at 0.2
+        nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        self.smear_lambda.fill_(0.0)
+        self.backout_lambda.fill_(0.2)
         self.cos, self.sin = self._rotary_tables(self.rotary_len, device=self.lm_head.weight.device)
 
     def forward(self, idx, targets=None, loss_reduction="mean", kv_cache=None):
@@ -240,15 +266,17 @@ class GPT(nn.Module):
         if start + T > self.rotary_len:
             raise ValueError(f"sequence of {start + T} positions is longer than the rotary table ({self.rotary_len})")
         cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]
-        x = norm(self.transformer.wte(idx))
+        x = self.smear(norm(self.transformer.wte(idx)), kv_cache)
         x0 = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, kv_cache)
+            if i == self.backout_layer:
+                x_mid = x
         if kv_cache is not None:
             kv_cache.advance(T)
-        x = norm(x)
+        x = norm(x - self.backout_lambda.to(x.dtype) * x_mid)
         # CPU training/eval losses take the chunked path (see _ChunkedSoftcapCrossEntropy); per-token losses that
         # need gradients, and anything being compiled, take the plain one
         chunked = x.device.type == "cpu" and not torch.compiler.is_compiling() and (
@@ -264,6 +292,22 @@ class GPT(nn.Module):
             return logits
         return cross_entropy(logits, targets, loss_reduction)
 
+    def smear(self, x: torch.Tensor, kv_cache) -> torch.Tensor:
+        """x_t += smear_lambda * sigmoid(w · x_t[:24]) * x_{t-1}, on normalised embeddings x (B, T, C).
+
+        The first position of a sequence has no predecessor; with a cache, a chunk's first token takes the
+        last cached token's embedding, so prefill + decode equals one full forward.
+        """
+        if kv_cache is None or kv_cache.pos == 0:
+            first = torch.zeros_like(x[:, :1])
+        else:
+            first = kv_cache.prev_embedding.to(x.dtype)
+        if kv_cache is not None:
+            kv_cache.prev_embedding = x[:, -1:]
+        prev = torch.cat([first, x[:, :-1]], dim=1)
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))
+        return x + gate * prev
+
     # ----------------------------------------------------------------------------------------------
     # sizes
 
@@ -275,8 +319,12 @@ class GPT(nn.Module):
             "value_embeds": sum(p.numel() for p in self.value_embeds.parameters()),
             "lm_head": self.lm_head.weight.numel(),
             "transformer_matrices": h,
-            "scalars": self.resid_lambdas.numel() + self.x0_lambdas.numel(),
+            "scalars": sum(p.numel() for p in self.scalar_params()),
         }
+
+    def scalar_params(self) -> list[nn.Parameter]:
+        """The per-model scalars outside the blocks: lambdas and the smear gate."""
+        return [self.resid_lambdas, self.x0_lambdas, self.smear_gate.weight, self.smear_lambda, self.backout_lambda]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -289,7 +337,8 @@ class GPT(nn.Module):
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 * matmul params + 12 * L * H * Q * T for attention (fwd + bwd)."""
         c = self.config
-        return 6 * self.num_scaling_params() + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+        matmul_params = self.num_scaling_params() + self.smear_gate.weight.numel()
+        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
 
 def cross_entropy(logits, targets, reduction="mean"):

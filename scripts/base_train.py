@@ -31,13 +31,19 @@ from nanopipe.loss_eval import evaluate_bpb
 from nanopipe.optim import setup_optimizers
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import get_tokenizer
-from nanopipe.training import (MetricLog, check_finite, muon_momentum, peak_memory_mb, read_log, resume_training,
-                               series_from_log)
+from nanopipe.training import MetricLog, check_finite, peak_memory_mb, read_log, resume_training, series_from_log
 
-# the reference point of every depth-derived hyperparameter: d12 at ratio 10.5 trained with 2^19-token batches
+# the reference point of every depth-derived hyperparameter: d12 (width 768) trained at ratio 12 (upstream's
+# re-run scaling law; the fork used 10.5) with 2^19-token batches. It is one fixed run, whatever this run's
+# --target-param-data-ratio/--aspect-ratio/--head-dim: batch (Power Lines) and weight decay (T_epoch) then
+# follow this run's own token count relative to it.
 REFERENCE_DEPTH = 12
 REFERENCE_BATCH = 2**19
-REFERENCE_RATIO = 10.5
+REFERENCE_RATIO = 12
+# Muon momentum: 0.85 -> 0.97 over the first 16% of the run (upstream's 400 of 2,520 steps at d12), then
+# down to 0.90 across the LR warmdown (less momentum as the LR anneals)
+MOMENTUM_WARMUP_RATIO = 0.16
+MOMENTUM_START, MOMENTUM_PEAK, MOMENTUM_END = 0.85, 0.97, 0.90
 INITIAL_LOSS_TOLERANCE = 1.0  # nats away from ln(vocab) at step 1 means an init or data bug
 SPIKE_FACTOR = 5.0  # a grad norm this many times its running average is a spike
 
@@ -58,13 +64,14 @@ def parse_args(argv=None):
     g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per step (-1: Power Lines auto)")
     g = p.add_argument_group("optimization")
     g.add_argument("--embedding-lr", type=float, default=0.3)
-    g.add_argument("--unembedding-lr", type=float, default=0.004)
+    g.add_argument("--unembedding-lr", type=float, default=0.008)
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR")
     g.add_argument("--scalar-lr", type=float, default=0.5)
-    g.add_argument("--weight-decay", type=float, default=0.2, help="Muon weight decay at the reference d12 horizon")
-    g.add_argument("--warmup-ratio", type=float, default=0.0)
-    g.add_argument("--warmdown-ratio", type=float, default=0.5)
-    g.add_argument("--final-lr-frac", type=float, default=0.0)
+    g.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at d12 (cosine to 0)")
+    # LR warmup as a fraction of the run: upstream's 40 steps of its 2,520 at d12
+    g.add_argument("--warmup-ratio", type=float, default=0.016)
+    g.add_argument("--warmdown-ratio", type=float, default=0.65, help="final fraction of steps with LR decay")
+    g.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end, as a fraction of the peak")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (<= 0: no clipping)")
     g.add_argument("--skip-spikes", action="store_true", help="skip the update of a step whose grad norm spikes")
     g = p.add_argument_group("evaluation and output")
@@ -145,7 +152,9 @@ def make_plan(args, config, world_size: int) -> dict:
 
 
 def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_frac: float):
-    """Linear warmup, constant, then linear warmdown to final_frac; `it` = steps already taken."""
+    """Linear warmup, constant, then linear warmdown to final_frac; `it` = steps already taken.
+
+    A warmdown to 5% rather than 0 (upstream): the last steps still learn something."""
     warmup = round(warmup_ratio * num_iterations)
     warmdown = round(warmdown_ratio * num_iterations)
     if it < warmup:
@@ -156,6 +165,23 @@ def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ra
     return progress + (1 - progress) * final_frac
 
 
+def muon_momentum(it: int, num_iterations: int, warmdown_ratio: float) -> float:
+    """Ramp up over the first MOMENTUM_WARMUP_RATIO of the run, hold, then ramp down across the warmdown."""
+    ramp = max(1, round(MOMENTUM_WARMUP_RATIO * num_iterations))
+    warmdown = round(warmdown_ratio * num_iterations)
+    if it < ramp:
+        return MOMENTUM_START + (MOMENTUM_PEAK - MOMENTUM_START) * it / ramp
+    if it <= num_iterations - warmdown:
+        return MOMENTUM_PEAK
+    frac = (it - (num_iterations - warmdown)) / warmdown
+    return MOMENTUM_PEAK + (MOMENTUM_END - MOMENTUM_PEAK) * frac
+
+
+def muon_weight_decay(it: int, num_iterations: int, weight_decay: float) -> float:
+    """Cosine from the plan's weight decay to 0 (upstream; it was linear): strong early, gone at the end."""
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
+
+
 def apply_schedules(optimizers, it, num_iterations, args, weight_decay):
     lrm = lr_multiplier(it, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
     adamw, muon = optimizers
@@ -163,8 +189,8 @@ def apply_schedules(optimizers, it, num_iterations, args, weight_decay):
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
     for group in muon.param_groups:
-        group["momentum"] = muon_momentum(it)
-        group["weight_decay"] = weight_decay * (1 - it / num_iterations)
+        group["momentum"] = muon_momentum(it, num_iterations, args.warmdown_ratio)
+        group["weight_decay"] = muon_weight_decay(it, num_iterations, weight_decay)
     return lrm
 
 

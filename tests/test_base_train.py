@@ -24,7 +24,7 @@ from tests.conftest import subprocess_env
 
 tokenizer_module = pytest.importorskip("nanopipe.tokenizer")
 from scripts import base_train  # noqa: E402  (needs the tokenizer module)
-from scripts.base_train import lr_multiplier, make_plan, muon_momentum  # noqa: E402
+from scripts.base_train import lr_multiplier, make_plan, muon_momentum, muon_weight_decay  # noqa: E402
 
 WORDS = ("the a river stone cloud seven green quick brown fox jumps over lazy dog city paris france capital "
          "of is and blue sky red sun moon night day water fire").split()
@@ -209,16 +209,23 @@ def test_resume_refuses_a_different_batch_and_fresh_start_refuses_to_overwrite(t
 
 
 def test_plan_matches_reference_worked_values():
-    args = Namespace(target_param_data_ratio=10.5, total_batch_size=-1, device_batch_size=32, num_iterations=-1,
-                     target_flops=-1, weight_decay=0.2)
+    # upstream's worked numbers at its default ratio 12 (UPSTREAM_RECIPE.md §4.4): d12 2,520 steps of 2^19, wd 0.28
+    args = Namespace(target_param_data_ratio=12, total_batch_size=-1, device_batch_size=32, num_iterations=-1,
+                     target_flops=-1, weight_decay=0.28)
     d12 = make_plan(args, config_from_depth(12, 32768, 2048), world_size=1)
-    assert (d12["total_batch_size"], d12["num_iterations"], d12["grad_accum"]) == (524288, 2205, 8)
-    assert d12["lr_scale"] == 1.0 and d12["weight_decay"] == pytest.approx(0.2)
+    assert (d12["total_batch_size"], d12["num_iterations"], d12["grad_accum"]) == (524288, 2520, 8)
+    assert d12["lr_scale"] == 1.0 and d12["weight_decay"] == pytest.approx(0.28)
     d20 = make_plan(args, config_from_depth(20, 32768, 2048), world_size=1)
-    assert (d20["total_batch_size"], d20["num_iterations"]) == (1048576, 4357)
-    assert d20["lr_scale"] == pytest.approx(math.sqrt(2)) and d20["weight_decay"] == pytest.approx(0.0716, abs=1e-4)
-    d26 = make_plan(args, config_from_depth(26, 32768, 2048), world_size=1)
-    assert (d26["total_batch_size"], d26["num_iterations"]) == (1048576, 9196)
+    assert (d20["total_batch_size"], d20["num_iterations"]) == (1048576, 4980)
+    # T_epoch: wd 0.28 * sqrt(2) * tokens(d12) / tokens(d20)
+    assert d20["lr_scale"] == pytest.approx(math.sqrt(2))
+    assert d20["weight_decay"] == pytest.approx(0.28 * math.sqrt(2) * 110_100_912 / 435_160_240)
+    # the reference run is fixed: at ratio 8 (upstream's d24 speedrun) d24 gets its 5,568 steps of 2^20 and a
+    # weight decay that follows its tokens relative to d12 at ratio 12 (upstream: 0.0597, reference at ratio 8)
+    args.target_param_data_ratio = 8
+    d24 = make_plan(args, config_from_depth(24, 32768, 2048), world_size=1)
+    assert (d24["total_batch_size"], d24["num_iterations"]) == (1048576, 5568)
+    assert d24["weight_decay"] == pytest.approx(0.28 * math.sqrt(2) * 12 * 110_100_912 / (8 * 729_810_624))
 
 
 def test_plan_rejects_a_batch_that_does_not_divide_and_names_the_sizes_that_do():
@@ -236,7 +243,15 @@ def test_schedules():
     assert lrm[0] == pytest.approx(0.1) and lrm[9] == 1.0 and lrm[50] == 1.0
     assert lrm[51] == pytest.approx(49 / 50) and lrm[99] == pytest.approx(1 / 50)
     assert lr_multiplier(99, 100, 0.0, 0.5, 0.1) == pytest.approx(0.02 + 0.98 * 0.1)
-    assert muon_momentum(0) == 0.85 and muon_momentum(150) == pytest.approx(0.9) and muon_momentum(1000) == 0.95
+    # Muon momentum over 1,000 steps with warmdown 0.65: 0.85 -> 0.97 over 160 steps, hold until step 350,
+    # then down to 0.90 at the end
+    m = [muon_momentum(it, 1000, 0.65) for it in range(1000)]
+    assert m[0] == 0.85 and m[80] == pytest.approx(0.91) and m[160] == m[350] == 0.97
+    assert m[675] == pytest.approx(0.935) and m[999] == pytest.approx(0.97 - 0.07 * 649 / 650)
+    assert muon_momentum(0, 3, 0.65) == 0.85  # a tiny run still has a one-step ramp
+    # Muon weight decay: cosine from the plan's value to 0
+    wd = [muon_weight_decay(it, 100, 0.28) for it in (0, 50, 100)]
+    assert wd == pytest.approx([0.28, 0.14, 0.0])
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(toy_data, capsys):

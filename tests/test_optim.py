@@ -28,9 +28,14 @@ def test_param_groups_and_lr_scaling():
     adamw, muon = setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.004, scalar_lr=0.5,
                                    weight_decay=0.1)
     scale = (64 / 768) ** -0.5
+    # upstream's per-group settings: lm_head, wte, value embeddings (half LR), resid, x0, smear/backout
     lrs = [g["lr"] for g in adamw.param_groups]
-    assert lrs == pytest.approx([0.004 * scale, 0.3 * scale, 0.3 * scale, 0.005, 0.5])
-    assert adamw.param_groups[4]["betas"] == (0.96, 0.95)
+    assert lrs == pytest.approx([0.004 * scale, 0.3 * scale, 0.15 * scale, 0.005, 0.5, 0.2])
+    assert [g["betas"] for g in adamw.param_groups] == [(0.8, 0.96), (0.8, 0.995), (0.8, 0.995), (0.8, 0.95),
+                                                        (0.96, 0.95), (0.8, 0.95)]
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.01, 0.001, 0.01, 0.05, 0.0, 0.0]
+    assert adamw.param_groups[5]["params"] == [model.smear_gate.weight, model.smear_lambda, model.backout_lambda]
+    assert all(g["beta2"] == 0.9 for g in muon.param_groups)
     muon_params = [p for g in muon.param_groups for p in g["params"]]
     assert all(p.ndim == 2 for p in muon_params)
     assert len(muon_params) == len(list(model.transformer.h.parameters()))
@@ -40,6 +45,26 @@ def test_param_groups_and_lr_scaling():
     assert all(g["weight_decay"] == 0.1 for g in muon.param_groups)
     total = sum(len(g["params"]) for o in (adamw, muon) for g in o.param_groups)
     assert total == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("shape", [(16, 8), (8, 24)])
+def test_muon_update_has_the_exact_polar_norm_and_ignores_row_scale(shape):
+    """Muon+: the update's Frobenius norm is that of a semi-orthogonal matrix, sqrt(min(m, n)), times the
+    shape-aware LR. MuonEq: rows are equalised first, so rescaling one gradient row changes nothing."""
+    rows, cols = shape
+    torch.manual_seed(0)
+    grad = torch.randn(rows, cols)
+    updates = []
+    for g in (grad, grad * torch.tensor([10.0] + [1.0] * (rows - 1))[:, None]):
+        w = torch.nn.Parameter(torch.randn(rows, cols))
+        before = w.detach().clone()
+        opt = Muon([w], lr=0.1, momentum=0.9, weight_decay=0.0)
+        w.grad = g.clone()
+        opt.step()
+        updates.append(before - w.detach())
+    lr = 0.1 * max(1.0, rows / cols) ** 0.5
+    assert updates[0].norm().item() == pytest.approx(lr * min(rows, cols) ** 0.5, rel=1e-5)
+    torch.testing.assert_close(updates[1], updates[0], atol=1e-5, rtol=1e-4)
 
 
 def test_muon_rejects_non_matrices():
