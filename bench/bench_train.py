@@ -2,14 +2,20 @@
 
 The reference is what nanochat does per step without compile: full (B, T, V) logits, F.cross_entropy on
 them, and one torch.optim.AdamW over every parameter. The nanochat issue this shape comes from reports
-~1030 tok/s (8 s/step) for it; we print our tok/s, the reference's, and the ratio.
+~1030 tok/s (8 s/step) for it; we print our tok/s, the reference's, and the ratio. `--baseline-tree` adds
+our step as another checkout has it (its nanopipe/gpt.py and optim.py), to see what a model or optimizer
+change costs.
 
     python -m bench.bench_train                    # depth 4, seq 512, batch 16x512, vocab 32768, fp32
     python -m bench.bench_train --steps 2 --batch 4  # quicker
+    python -m bench.bench_train --baseline-tree /tmp/old   # e.g. git worktree add /tmp/old HEAD~1
 """
 
 import argparse
+import importlib.util
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +35,20 @@ def time_steps(step_fn, warmup: int, steps: int) -> tuple[float, float]:
     return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
+def load_tree_modules(tree: Path):
+    """(gpt, optim) modules of another checkout, loaded under private names (they import only torch)."""
+    modules = []
+    for name in ("gpt", "optim"):
+        path = tree / "nanopipe" / f"{name}.py"
+        if not path.exists():
+            sys.exit(f"error: --baseline-tree {tree} has no nanopipe/{name}.py: pass a nanopipe checkout")
+        spec = importlib.util.spec_from_file_location(f"_baseline_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        modules.append(module)
+    return modules
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=4)
@@ -39,6 +59,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--baseline-tree", type=Path, default=None, help="also time this checkout's step")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -53,12 +74,22 @@ def main():
     model = build_model(config, "cpu")
     optimizers = setup_optimizers(model)
 
-    def ours():
-        loss = model(x, y)
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+    def train_step(model, optimizers):
+        def step():
+            loss = model(x, y)
+            loss.backward()
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+        return step
+
+    arms = {"ours": train_step(model, optimizers)}
+    if args.baseline_tree is not None:
+        old_gpt, old_optim = load_tree_modules(args.baseline_tree)
+        torch.manual_seed(0)
+        old_model = old_gpt.build_model(old_gpt.config_from_depth(args.depth, args.vocab, max_seq_len=args.seq,
+                                                                  head_dim=args.head_dim), "cpu")
+        arms["baseline tree"] = train_step(old_model, old_optim.setup_optimizers(old_model))
 
     torch.manual_seed(0)
     ref_model = build_model(config, "cpu")
@@ -73,18 +104,24 @@ def main():
 
     print(f"depth {args.depth} width {config.n_embd} heads {config.n_head} seq {args.seq} batch {args.batch} "
           f"vocab {args.vocab} threads {torch.get_num_threads()} params {model.num_params():,}")
-    # interleave, and keep the best of two rounds, so background load on a shared machine hits both sides alike
-    rounds = {"reference": [], "ours": []}
+    # interleave, and keep the best of two rounds, so background load on a shared machine hits all sides alike
+    arms = {"reference": reference, **arms}
+    rounds = {name: [] for name in arms}
     for round_ in range(2):
-        rounds["reference"].append(time_steps(reference, args.warmup if round_ == 0 else 0, args.steps))
-        rounds["ours"].append(time_steps(ours, args.warmup if round_ == 0 else 0, args.steps))
+        for name, step in arms.items():
+            rounds[name].append(time_steps(step, args.warmup if round_ == 0 else 0, args.steps))
     wall = {k: min(w for w, _ in v) for k, v in rounds.items()}
     cpu = {k: min(c for _, c in v) for k, v in rounds.items()}
-    for name, label in (("reference", "reference (full logits + AdamW)   "), ("ours", "ours (model loss + Muon/AdamW)    ")):
-        print(f"{label} wall {wall[name]:6.2f} s/step {tokens / wall[name]:7.0f} tok/s | "
+    labels = {"reference": "reference (full logits + AdamW)   ", "ours": "ours (model loss + Muon/AdamW)    ",
+              "baseline tree": f"ours as in {args.baseline_tree}"[:34].ljust(34)}
+    for name in arms:
+        print(f"{labels[name]} wall {wall[name]:6.2f} s/step {tokens / wall[name]:7.0f} tok/s | "
               f"cpu {cpu[name]:6.2f} s/step {tokens / cpu[name]:7.0f} tok/cpu-s")
     print(f"ratio ours/reference: wall {wall['reference'] / wall['ours']:.2f}x, cpu {cpu['reference'] / cpu['ours']:.2f}x "
           f"(nanochat issue figure for this shape: ~1030 tok/s)")
+    if "baseline tree" in arms:
+        print(f"ratio ours/baseline tree: wall {wall['baseline tree'] / wall['ours']:.2f}x, "
+              f"cpu {cpu['baseline tree'] / cpu['ours']:.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -57,9 +57,9 @@ settings_from_depth() {  # settings_from_depth DEPTH SEQ_LEN DEVICE_BATCH_SIZE: 
     for var in DEPTH SEQ_LEN DEVICE_BATCH_SIZE; do
         is_count "${!var}" || die "$var=${!var}: must be a positive whole number"
     done
-    # data needed: tokens = 10.5 x scaling params = 10.5 x (12 L w^2 + w x 32768) with width w = 64 L; at ~5 chars
-    # per token and ~250M chars per shard, rounded up, plus the val shard (d12: 25 shards, d20: 93)
-    tokens=$(( 105 * (12 * DEPTH * (64 * DEPTH) ** 2 + 64 * DEPTH * 32768) / 10 ))
+    # data needed: tokens = 12 x scaling params = 12 x (12 L w^2 + w x 32768) with width w = 64 L; at ~5 chars
+    # per token and ~250M chars per shard, rounded up, plus the val shard (d12: 28 shards, d20: 106)
+    tokens=$(( 12 * (12 * DEPTH * (64 * DEPTH) ** 2 + 64 * DEPTH * 32768) ))
     NUM_SHARDS=${NUM_SHARDS:-$(( tokens * 5 / 250000000 + 2 ))}
     if ! is_count "$NUM_SHARDS" || [ "$NUM_SHARDS" -lt 2 ]; then
         die "NUM_SHARDS=$NUM_SHARDS: need a whole number of at least 2 (train shards + the val shard)"

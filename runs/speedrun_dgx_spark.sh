@@ -25,18 +25,24 @@
 #   SKIP_SETUP=1           use the python environment as it is (no runs/setup.sh)
 #   NANOPIPE_SKIP_GPU_CHECK=1   skip the nvidia-smi / torch.cuda checks
 #
-# The plan for the defaults (numbers from base_train's own derivation, REFERENCE.md §2.3; the plan step
-# prints them again for whatever DEPTH/SEQ_LEN you choose, with a measured step time):
+# The recipe is upstream nanochat's current one, not the Spark fork's (README "Differences from nanochat"):
+# smear + backout, RoPE base 100k, q/k x1.2, VE gate 3*sigmoid over 12 channels, per-group AdamW betas/decay,
+# unembedding LR 0.008, Muon with MuonEq + Muon+ (NorMuon beta2 0.9), momentum 0.85 -> 0.97 -> 0.90, warmdown
+# 0.65 to 5% of the LR, Muon weight decay 0.28 cosine to 0, 12 tokens per scaling parameter (fork: 10.5).
+#
+# The plan for the defaults (numbers from base_train's own derivation; the plan step prints them again for
+# whatever DEPTH/SEQ_LEN you choose, with a measured step time):
 #   model   d12: width 768, 6 heads of 128, seq 1024, vocab 32,768; 286M parameters, 110M of them "scaling"
-#           (matmul weights + head) which set the token budget: 10.5 tokens per scaling parameter
+#           (matmul weights + head) which set the token budget: 12 tokens per scaling parameter
 #   batch   524,288 tokens per step (Power Lines auto) = 64 rows x 1024 tokens x 8 micro-batches
-#   tokens  2,205 steps x 524,288 = 1.16B tokens (~23 FineWeb-Edu shards; 25 are downloaded)
-#   compute 7.74e8 FLOPs per token, 8.9e17 FLOPs in all
+#   tokens  2,520 steps x 524,288 = 1.32B tokens (~27 FineWeb-Edu shards; 28 are downloaded);
+#           the fork's plan was 2,205 steps = 1.16B tokens
+#   compute 7.74e8 FLOPs per token, 1.02e18 FLOPs in all; Muon weight decay 0.28, LR x1.0
 #   speed   uncertain, and measured by the plan step before training starts. The reference fork claims 22.4% MFU
-#           of a 209 TFLOPS peak = ~60k tok/s = 5.3 h of pretraining; its published run took 12h56m end to end,
-#           i.e. ~31k tok/s = 10.4 h; its header's "1.6-3k tok/s, 15-20 h" matches d20 at seq 2048, not d12.
+#           of a 209 TFLOPS peak = ~60k tok/s = 6.1 h for these tokens; its published run took 12h56m end to end,
+#           i.e. ~31k tok/s = 11.8 h here; its header's "1.6-3k tok/s, 15-20 h" matches d20 at seq 2048, not d12.
 #           The GB10 peak itself is disputed (209 vs ~100 TFLOPS; NANOPIPE_PEAK_FLOPS=100e12 uses the lower one).
-#           So expect 5-11 h of pretraining plus ~2-3 h for the rest (tokenizer, CORE, SFT, chat eval).
+#           So expect 6-12 h of pretraining plus ~2-3 h for the rest (tokenizer, CORE, SFT, chat eval).
 #   cost    DOLLARS_PER_HOUR 0.19: a ~$4,000 Spark written off over 3 years, plus ~240 W at $0.15/kWh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,8 +96,8 @@ if [ -n "${WANDB_RUN:-}" ]; then wandb_flag=(--wandb "$WANDB_RUN"); fi
 cat <<EOF
 == settings: depth $DEPTH (tag $MODEL_TAG), seq $SEQ_LEN, $DEVICE_BATCH_SIZE rows per micro-batch, total batch and steps
    derived by base_train; $NUM_SHARDS FineWeb-Edu shards; compile: $COMPILE; base dir $NANOPIPE_BASE_DIR.
-   Reference for d12/seq 1024: 2,205 steps x 524,288 = 1.16B tokens, 8.9e17 FLOPs. At the fork's claimed 22.4% MFU
-   (~60k tok/s) that is 5.3 h; its published 12h56m run implies ~31k tok/s (10.4 h); its header's 1.6-3k tok/s
+   Reference for d12/seq 1024: 2,520 steps x 524,288 = 1.32B tokens, 1.02e18 FLOPs. At the fork's claimed 22.4% MFU
+   (~60k tok/s) that is 6.1 h; its published 12h56m run implies ~31k tok/s (11.8 h); its header's 1.6-3k tok/s
    fits d20, not d12. The measurement below (base_train --dry-run on this GPU) is the one to believe.
 EOF
 # a few timed micro-batches on this GPU: parameters, tokens, FLOPs, tok/s, MFU, memory, ETA; also fails fast

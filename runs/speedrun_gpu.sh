@@ -30,8 +30,8 @@
 #
 # The plan for the defaults (base_train's derivation, REFERENCE.md §2.3; the plan step prints it for your
 # settings with a measured step time): d20, width 1280, 10 heads, seq 2048, 897M parameters (435M scaling);
-# 4,357 steps x 1,048,576 tokens = 4.57B tokens (93 shards), 3.24e9 FLOPs/token, 1.5e19 FLOPs in all. At an
-# assumed 30-45% MFU (PyTorch SDPA attention) that is ~1.2-1.7 h on 8 H100s, ~9-14 h on one.
+# 4,980 steps x 1,048,576 tokens = 5.22B tokens (ratio 12; 106 shards), 3.24e9 FLOPs/token, 1.7e19 FLOPs in
+# all. At an assumed 30-45% MFU (PyTorch SDPA attention) that is ~1.3-2.0 h on 8 H100s, ~11-16 h on one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=runs/common.sh

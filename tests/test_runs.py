@@ -85,7 +85,7 @@ def test_dry_run_prints_every_stage_in_order_and_writes_nothing(tools):
     assert s["plan"].endswith("-m scripts.base_train --depth 12 --max-seq-len 1024 --device-batch-size 64 "
                               "--model-tag d12 --compile --dry-run")
     assert s["data_head"].endswith("-m nanopipe.dataset download fineweb-edu --num-shards 8")
-    assert s["data"].endswith("-m nanopipe.dataset download fineweb-edu --num-shards 25")  # d12's default
+    assert s["data"].endswith("-m nanopipe.dataset download fineweb-edu --num-shards 28")  # d12's default
     assert s["tok_train"].endswith("-m scripts.tok_train") and s["tok_eval"].endswith("-m scripts.tok_eval")
     assert s["eval_bundle"].endswith("-m nanopipe.dataset eval-bundle")
     assert s["chat_data"].endswith("-m nanopipe.dataset chat-data")
@@ -148,7 +148,7 @@ def test_env_overrides_flow_into_the_commands(tools, tmp_path):
     assert "--model-tag d8" in s["chat_sft"] and s["report"].endswith("--dollars-per-hour 1.5")
     assert f"{other_base}/checkpoints/sft/d8" in r.stdout
     # the default data size follows DEPTH
-    assert steps(run(SPARK, tools, DEPTH=20).stdout)["data"].endswith("--num-shards 93")
+    assert steps(run(SPARK, tools, DEPTH=20).stdout)["data"].endswith("--num-shards 106")
 
 
 def test_missing_nvidia_smi_gives_a_clear_message(tools):
@@ -305,7 +305,7 @@ def test_gpu_script_uses_every_visible_gpu_and_a_matching_wheel_index(tools):
         in s["base_train"]
     for name in ("plan", "base_eval", "chat_sft", "chat_eval"):
         assert launch in s[name], name
-    assert s["data"].endswith("--num-shards 93") and s["report"].endswith("--dollars-per-hour 24")
+    assert s["data"].endswith("--num-shards 106") and s["report"].endswith("--dollars-per-hour 24")
     # CUDA_VISIBLE_DEVICES narrows the default; NPROC overrides it
     assert "--nproc_per_node=2 " in steps(run(GPU, tools, CUDA_VISIBLE_DEVICES="0,1").stdout)["base_train"]
     assert "--nproc_per_node=4 " in steps(run(GPU, tools, NPROC=4).stdout)["base_train"]
