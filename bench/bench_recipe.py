@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from nanopipe.dataset import update_download_manifest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -57,6 +59,8 @@ def prepare_shared(work: Path, corpus: Path, threads: int) -> Path:
         link = data / shard.name
         if not link.exists():
             link.symlink_to(shard.resolve())
+    if not (data / "manifest.json").exists():  # readers take exactly the shards a manifest lists
+        update_download_manifest(data, {"kind": "bench_recipe", "corpus": str(corpus)}, val_file=shards[-1].name)
     if not (shared / "tokenizer").exists():
         print(f"training the vocab-32768 tokenizer on {corpus} ...", flush=True)
         subprocess.run([sys.executable, "-m", "scripts.tok_train", "--vocab-size", "32768"], cwd=REPO, check=True,

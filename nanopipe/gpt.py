@@ -71,6 +71,11 @@ def has_value_embedding(layer_idx: int, n_layer: int) -> bool:
     return layer_idx % 2 == (n_layer - 1) % 2
 
 
+def backout_layer(n_layer: int) -> int:
+    """The block whose output is backed out: the middle one."""
+    return n_layer // 2
+
+
 def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (i, i + d/2) of x (B, T, H, D) by the per-position angle (half-split layout)."""
     d = x.size(-1) // 2
@@ -218,7 +223,7 @@ class GPT(nn.Module):
         self.smear_gate = nn.Linear(min(config.smear_gate_channels, config.n_embd), 1, bias=False)
         self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.backout_lambda = nn.Parameter(torch.zeros(1))
-        self.backout_layer = config.n_layer // 2  # the residual stream after this block is backed out
+        self.backout_layer = backout_layer(config.n_layer)
         # rotary tables for 10x the training length, so longer prompts at inference still get positions
         self.rotary_len = 10 * config.sequence_len
         cos, sin = self._rotary_tables(self.rotary_len)

@@ -29,7 +29,8 @@ from nanopipe.tokenizer import SPECIAL_TOKENS
 
 MODULE_FILE = Path(__file__).with_name("hf_modeling.py")
 # GPTConfig fields the module knows how to reproduce; a new field must be mapped in hf_config and hf_modeling
-KNOWN_CONFIG_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "rope_base"}
+KNOWN_CONFIG_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "rope_base",
+                       "qk_scale", "ve_gate_channels", "smear_gate_channels"}
 CHECK_TOLERANCE = 1e-4
 
 # nanopipe's render_conversation in Jinja: <|bos|>, a leading system message merged into the first user turn
@@ -84,10 +85,13 @@ def hf_config(config: gpt.GPTConfig, tokenizer) -> dict:
         "rope_base": config.rope_base,
         "logit_softcap": gpt.LOGIT_SOFTCAP,
         "value_embedding_layers": [i for i in range(config.n_layer) if gpt.has_value_embedding(i, config.n_layer)],
-        "ve_gate_channels": gpt.VE_GATE_CHANNELS,
-        "ve_gate_scale": 2.0,
+        "ve_gate_channels": min(config.ve_gate_channels, config.n_embd),
+        "ve_gate_scale": 3.0,
         "x0_mixing": True,
         "mlp_ratio": 4,
+        "qk_scale": config.qk_scale,
+        "smear_gate_channels": min(config.smear_gate_channels, config.n_embd),
+        "backout_layer": gpt.backout_layer(config.n_layer),
         "tie_word_embeddings": False,
         "bos_token_id": special["<|bos|>"],
         "eos_token_id": special["<|assistant_end|>"],

@@ -8,7 +8,8 @@ round-trip test compares the two on real weights, so any difference fails it.
 Every architectural option is an explicit field of NanopipeConfig (no implicit defaults taken from nanopipe),
 and parameter names equal nanopipe's state_dict keys, so model.safetensors is nanopipe's weights as they are.
 The KV cache is transformers' own Cache (DynamicCache under generate()); it stores k after RoPE and QK-norm,
-as nanopipe's KVCache does.
+as nanopipe's KVCache does, and carries smear's one extra state, the last token's normalised embedding, as an
+attribute (so a search that reorders cache rows, e.g. beam search, is not supported).
 """
 
 import dataclasses
@@ -31,7 +32,8 @@ class NanopipeConfig(PretrainedConfig):
 
     def __init__(self, vocab_size=32768, padded_vocab_size=32768, n_layer=12, n_head=6, n_kv_head=6, n_embd=768,
                  sequence_len=2048, rope_base=10000.0, logit_softcap=15.0, value_embedding_layers=(),
-                 ve_gate_channels=32, ve_gate_scale=2.0, x0_mixing=True, mlp_ratio=4, use_cache=True, **kwargs):
+                 ve_gate_channels=32, ve_gate_scale=2.0, x0_mixing=True, mlp_ratio=4, qk_scale=1.0,
+                 smear_gate_channels=0, backout_layer=-1, use_cache=True, **kwargs):
         self.vocab_size = vocab_size                  # logits are sliced to this
         self.padded_vocab_size = padded_vocab_size    # rows of wte, lm_head and the value embeddings
         self.n_layer, self.n_head, self.n_kv_head, self.n_embd = n_layer, n_head, n_kv_head, n_embd
@@ -43,6 +45,9 @@ class NanopipeConfig(PretrainedConfig):
         self.ve_gate_scale = ve_gate_scale            # gate = scale * sigmoid(W x[:channels])
         self.x0_mixing = x0_mixing                    # x = resid_lambdas[i] * x + x0_lambdas[i] * x0 before block i
         self.mlp_ratio = mlp_ratio
+        self.qk_scale = qk_scale                      # q and k are multiplied by this after QK-norm
+        self.smear_gate_channels = smear_gate_channels  # 0: no smear; else x_t += lambda * sigmoid(w x_t[:n]) x_{t-1}
+        self.backout_layer = backout_layer            # -1: none; else x -= backout_lambda * (x after this block)
         self.use_cache = use_cache
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
@@ -78,6 +83,7 @@ class CausalSelfAttention(nn.Module):
         self.ve_gate_scale = config.ve_gate_scale
         self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
                         if layer_idx in config.value_embedding_layers else None)
+        self.scale = config.qk_scale ** 2 / self.head_dim ** 0.5  # scaling q and k, folded into SDPA's scale
 
     def forward(self, x, ve, cos, sin, cache, mask):
         B, T, C = x.shape
@@ -95,17 +101,17 @@ class CausalSelfAttention(nn.Module):
             past = cache.get_seq_length(self.layer_idx)
             k, v = cache.update(k, v, self.layer_idx)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        gqa = self.n_head != self.n_kv_head
+        gqa, scale = self.n_head != self.n_kv_head, self.scale
         # the same three cases as nanopipe (so the same kernels run), plus an explicit mask for padding
         if mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
         elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
         else:
             causal = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -148,6 +154,11 @@ class NanopipeForCausalLM(PreTrainedModel, GenerationMixin):
         if config.x0_mixing:
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear_gate_channels:
+            self.smear_gate = nn.Linear(config.smear_gate_channels, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout_layer >= 0:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         self.post_init()
 
     def _init_weights(self, module):
@@ -166,6 +177,24 @@ class NanopipeForCausalLM(PreTrainedModel, GenerationMixin):
         inv_freq = self.config.rope_base ** -(torch.arange(half, dtype=torch.float32, device=device) / half)
         angles = position_ids[..., None].to(torch.float32) * inv_freq
         return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+    def _smear(self, x, attention_mask, cache, past):
+        """x_t += smear_lambda * sigmoid(w x_t[:n]) * x_{t-1}: the previous position's normalised embedding, none
+        for a sequence's first token (position 0, or the first after left padding); the cache keeps the last one."""
+        if past == 0 or cache is None:
+            first = torch.zeros_like(x[:, :1])
+        else:
+            first = cache.nanopipe_prev_embedding.to(x.dtype)
+        if cache is not None:
+            cache.nanopipe_prev_embedding = x[:, -1:]
+        prev = torch.cat([first, x[:, :-1]], dim=1)
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+            T = x.size(1)
+            keys = attention_mask[:, -(T + 1):].to(x.dtype) if attention_mask.size(1) > T else \
+                F.pad(attention_mask.to(x.dtype), (1, 0))
+            prev = prev * keys[:, :T, None]  # a padding predecessor is no predecessor
+        gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :self.config.smear_gate_channels]))
+        return x + gate * prev
 
     @staticmethod
     def _padding_mask(attention_mask, past, T):
@@ -195,12 +224,18 @@ class NanopipeForCausalLM(PreTrainedModel, GenerationMixin):
         cos, sin = self._rotary(position_ids)
         mask = self._padding_mask(attention_mask, past, T)
         x = norm(self.transformer.wte(input_ids))
+        if self.config.smear_gate_channels:
+            x = self._smear(x, attention_mask, cache, past)
         x0 = x
         for i, block in enumerate(self.transformer.h):
             if self.config.x0_mixing:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, cache, mask)
+            if i == self.config.backout_layer:
+                x_mid = x
+        if self.config.backout_layer >= 0:
+            x = x - self.backout_lambda.to(x.dtype) * x_mid
         x = norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
