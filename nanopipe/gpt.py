@@ -12,7 +12,8 @@ The block and its initialisation are upstream nanochat's (2026-07 recipe):
 - untied lm_head, logits softcapped at 15 and returned in float32
 
 Weights are kept in fp32 (the optimizer's master copy); on CUDA the training loop runs the forward under
-bf16 autocast. Attention is full causal everywhere: PyTorch SDPA has no fast sliding-window path.
+bf16 autocast. Attention is full causal everywhere: PyTorch SDPA has no fast sliding-window path (a dense
+window mask is no faster on CPU, FlexAttention has no CPU backward: bench/bench_attention.py).
 On CPU, losses are computed by a chunked head (no (B*T, V) logits tensor), which about halves a step's time.
 """
 
