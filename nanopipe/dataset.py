@@ -31,6 +31,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from nanopipe import cli
 from nanopipe.common import (UserError, atomic_write_text, disk_full_error, get_base_dir, is_disk_full, replace_dir,
                              temp_dir_beside)
 from nanopipe.download import (DownloadError, DownloadJob, HubFile, download_file, download_many, hf_endpoint,
@@ -50,7 +51,13 @@ PARQUET_OPTIONS = dict(compression="zstd", compression_level=3)
 
 def default_data_name(flag=None):
     """The dataset a stage reads: its --data flag, else $NANOPIPE_DATA, else fineweb-edu."""
-    return flag or os.environ.get("NANOPIPE_DATA") or DEFAULT_DATA
+    if flag:
+        return flag
+    name = os.environ.get("NANOPIPE_DATA") or DEFAULT_DATA
+    try:
+        return cli.check_name(name, "NANOPIPE_DATA")
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def dataset_dir(name) -> Path:
@@ -714,40 +721,33 @@ def get_eval_bundle_dir(data_name) -> Path:
 # ---------------------------------------------------------------------------------------------
 # CLI
 
-def parse_weights(text):
-    try:
-        return [float(w) for w in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanopipe.dataset", description=__doc__,
+    parser = cli.ArgumentParser(prog="python -m nanopipe.dataset", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("download", help="download pretraining shards (FineWeb-Edu, ClimbMix)")
     p.add_argument("name", choices=sorted(PRETRAIN_SOURCES))
-    p.add_argument("--num-shards", "-n", type=int, default=8, help="total shards incl. the val shard")
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--num-shards", "-n", type=cli.integer(2), default=8, help="total shards incl. the val shard")
+    p.add_argument("--workers", type=cli.integer(1, 256), default=4)
     p.add_argument("--revision", default=None,
                    help="branch, tag or commit of the source repo (default: main's commit at the first download)")
     p = sub.add_parser("local", help="build a dataset from your own .txt/.md/.jsonl/.parquet files or folders")
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", type=cli.name, required=True)
     p.add_argument("paths", nargs="+")
-    p.add_argument("--weights", type=parse_weights, default=None, help="mixture weights per path, e.g. 50,30,20")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--docs-per-shard", type=int, default=50_000)
-    p.add_argument("--val-every", type=int, default=100, help="every Nth document goes to the val shard")
+    p.add_argument("--weights", type=cli.weights, default=None, help="mixture weights per path, e.g. 50,30,20")
+    p.add_argument("--seed", type=cli.seed, default=0)
+    p.add_argument("--docs-per-shard", type=cli.integer(1), default=50_000)
+    p.add_argument("--val-every", type=cli.integer(2), default=100, help="every Nth document goes to the val shard")
     p = sub.add_parser("synthetic", help="generate the offline synthetic world")
-    p.add_argument("--num-shards", "-n", type=int, default=None, help="default: synthetic.DEFAULT_NUM_SHARDS")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-shards", "-n", type=cli.integer(2), default=None, help="default: synthetic.DEFAULT_NUM_SHARDS")
+    p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if the same seed/shards exist")
     p = sub.add_parser("chat-data", help="download SFT and chat-eval data")
-    p.add_argument("--only", type=lambda s: s.split(","), default=None, help=",".join(CHAT_DATA_NAMES))
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--only", type=cli.choices_list(CHAT_DATA_NAMES), default=None, help=",".join(CHAT_DATA_NAMES))
+    p.add_argument("--workers", type=cli.integer(1, 256), default=4)
     sub.add_parser("eval-bundle", help="download the CORE eval bundle")
     p = sub.add_parser("verify", help="check every shard of a dataset against the sha256 in its manifest")
-    p.add_argument("name")
+    p.add_argument("name", type=cli.name)
     args = parser.parse_args(argv)
     try:
         if args.command == "download":

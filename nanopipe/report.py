@@ -5,7 +5,6 @@ Each stage writes `sections/NN-<stage>.md` and `.json` (NN = its place in the pi
 `report.md` from whatever sections exist: a missing stage shows as "—", never as a crash.
 """
 
-import argparse
 import datetime
 import json
 import math
@@ -16,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nanopipe import cli
 from nanopipe.common import atomic_write_text, format_duration, get_base_dir
 
 STAGE_TITLES = {
@@ -438,11 +438,11 @@ def generate(dollars_per_hour: float | None = None, folder: Path | None = None) 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m nanopipe.report", description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m nanopipe.report", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("reset", help="start a new run: delete old sections and plots")
     gen = sub.add_parser("generate", help="assemble report.md from the sections present")
-    gen.add_argument("--dollars-per-hour", type=float, default=None, help="machine price, for the cost estimate")
+    gen.add_argument("--dollars-per-hour", type=cli.nonnegative(), default=None, help="machine price, for the cost estimate")
     args = parser.parse_args(argv)
     if args.command == "reset":
         reset()

@@ -9,7 +9,6 @@ Writes checkpoints/base/<tag>/step_NNNNNN/ (final one before the final evals), l
 per step) and the base_train report section.
 """
 
-import argparse
 import contextlib
 import math
 import time
@@ -20,6 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from nanopipe import cli
 from nanopipe.checkpoint import checkpoint_root, rng_state, save_checkpoint, update_meta
 from nanopipe.common import (UserError, autocast, autodetect_device, autodetect_dtype, cleanup_distributed,
                              format_duration, get_base_dir, init_distributed, peak_flops, print0, seed_everything)
@@ -46,53 +46,73 @@ MOMENTUM_WARMUP_RATIO = 0.16
 MOMENTUM_START, MOMENTUM_PEAK, MOMENTUM_END = 0.85, 0.97, 0.90
 INITIAL_LOSS_TOLERANCE = 1.0  # nats away from ln(vocab) at step 1 means an init or data bug
 SPIKE_FACTOR = 5.0  # a grad norm this many times its running average is a spike
+# the largest model shapes the flags accept (rotary tables hold 10x the context)
+MAX_DEPTH, MAX_WIDTH, MAX_SEQ_LEN = 1024, 65536, 131072
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain the base model (sizes derived from --depth).")
+    p = cli.ArgumentParser(prog="python -m scripts.base_train",
+                           description="Pretrain the base model (sizes derived from --depth).")
     g = p.add_argument_group("model")
-    g.add_argument("--depth", type=int, default=20, help="number of layers; width = depth * aspect ratio")
-    g.add_argument("--aspect-ratio", type=int, default=64, help="width per layer")
-    g.add_argument("--head-dim", type=int, default=128, help="attention head size (64 for small models)")
-    g.add_argument("--max-seq-len", type=int, default=2048, help="training context length")
+    g.add_argument("--depth", type=cli.integer(1, MAX_DEPTH), default=20, help="number of layers; width = depth * aspect ratio")
+    g.add_argument("--aspect-ratio", type=cli.integer(1, MAX_WIDTH), default=64, help="width per layer")
+    g.add_argument("--head-dim", type=cli.integer(2, MAX_WIDTH), default=128, help="attention head size (64 for small models)")
+    g.add_argument("--max-seq-len", type=cli.integer(1, MAX_SEQ_LEN), default=2048, help="training context length")
     g = p.add_argument_group("horizon and batch")
-    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from the ratio)")
-    g.add_argument("--target-flops", type=float, default=-1, help="training FLOPs budget (-1: from the ratio)")
-    g.add_argument("--target-param-data-ratio", type=float, default=REFERENCE_RATIO,
+    g.add_argument("--num-iterations", type=cli.integer(1, allow=cli.AUTO), default=-1, help="optimizer steps (-1: from the ratio)")
+    g.add_argument("--target-flops", type=cli.positive(allow=cli.AUTO), default=-1, help="training FLOPs budget (-1: from the ratio)")
+    g.add_argument("--target-param-data-ratio", type=cli.positive(), default=REFERENCE_RATIO,
                    help="tokens = ratio * scaling params")
-    g.add_argument("--device-batch-size", type=int, default=32, help="rows per micro-batch per process")
-    g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per step (-1: Power Lines auto)")
+    g.add_argument("--device-batch-size", type=cli.integer(1), default=32, help="rows per micro-batch per process")
+    g.add_argument("--total-batch-size", type=cli.integer(1, allow=cli.AUTO), default=-1, help="tokens per step (-1: Power Lines auto)")
     g = p.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=0.3)
-    g.add_argument("--unembedding-lr", type=float, default=0.008)
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR")
-    g.add_argument("--scalar-lr", type=float, default=0.5)
-    g.add_argument("--weight-decay", type=float, default=0.28, help="Muon weight decay at d12 (cosine to 0)")
+    g.add_argument("--embedding-lr", type=cli.nonnegative(), default=0.3)
+    g.add_argument("--unembedding-lr", type=cli.nonnegative(), default=0.008)
+    g.add_argument("--matrix-lr", type=cli.nonnegative(), default=0.02, help="Muon LR")
+    g.add_argument("--scalar-lr", type=cli.nonnegative(), default=0.5)
+    g.add_argument("--weight-decay", type=cli.nonnegative(), default=0.28, help="Muon weight decay at d12 (cosine to 0)")
     # LR warmup as a fraction of the run: upstream's 40 steps of its 2,520 at d12
-    g.add_argument("--warmup-ratio", type=float, default=0.016)
-    g.add_argument("--warmdown-ratio", type=float, default=0.65, help="final fraction of steps with LR decay")
-    g.add_argument("--final-lr-frac", type=float, default=0.05, help="LR at the end, as a fraction of the peak")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (<= 0: no clipping)")
+    g.add_argument("--warmup-ratio", type=cli.fraction(), default=0.016)
+    g.add_argument("--warmdown-ratio", type=cli.fraction(), default=0.65, help="final fraction of steps with LR decay")
+    g.add_argument("--final-lr-frac", type=cli.fraction(), default=0.05,
+                   help="LR at the end, as a fraction of the peak")
+    g.add_argument("--grad-clip", type=cli.nonnegative(), default=1.0, help="max global grad norm (0: no clipping)")
     g.add_argument("--skip-spikes", action="store_true", help="skip the update of a step whose grad norm spikes")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1: never)")
-    g.add_argument("--eval-tokens", type=int, default=40 * 2**19)
-    g.add_argument("--core-metric-every", type=int, default=2000, help="CORE every N steps (-1: never)")
-    g.add_argument("--core-metric-max-per-task", type=int, default=500)
-    g.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (-1: never)")
-    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only the last)")
-    g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
-    g.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
+    g.add_argument("--eval-every", type=cli.integer(1, allow=cli.NEVER), default=250, help="val bpb every N steps (-1: never)")
+    g.add_argument("--eval-tokens", type=cli.integer(1), default=40 * 2**19)
+    g.add_argument("--core-metric-every", type=cli.integer(1, allow=cli.NEVER), default=2000, help="CORE every N steps (-1: never)")
+    g.add_argument("--core-metric-max-per-task", type=cli.integer(1, allow=cli.ALL), default=500,
+                   help="CORE items per task (-1: all)")
+    g.add_argument("--sample-every", type=cli.integer(1, allow=cli.NEVER), default=2000, help="greedy samples every N steps (-1: never)")
+    g.add_argument("--save-every", type=cli.integer(1, allow=cli.LAST), default=-1, help="checkpoint every N steps (-1: only the last)")
+    g.add_argument("--keep-last", type=cli.integer(1), default=2, help="checkpoints kept")
+    g.add_argument("--model-tag", type=cli.name, default=None, help="checkpoint folder name (default d<depth>)")
     g.add_argument("--tensorboard", action="store_true", help="also log to <base>/logs/tensorboard/<tag>")
     g.add_argument("--wandb", default=None, metavar="RUN", help="also log to wandb under this run name")
     g = p.add_argument_group("run")
-    g.add_argument("--data", default=None, help="dataset name under <base>/data (default $NANOPIPE_DATA or fineweb-edu)")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--data", type=cli.name, default=None, help="dataset name under <base>/data (default $NANOPIPE_DATA or fineweb-edu)")
+    g.add_argument("--seed", type=cli.seed, default=42)
     g.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training model (CUDA)")
     g.add_argument("--resume", action="store_true", help="continue from the tag's last checkpoint if there is one")
     g.add_argument("--dry-run", action="store_true", help="print the plan and a measured ETA, then exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_args(p, args)
+    return args
+
+
+def check_args(parser, args):
+    """Constraints between flags, checked before anything is read or written."""
+    if args.head_dim % 2:
+        parser.error(f"--head-dim {args.head_dim}: rotary embeddings need an even head size, e.g. 64 or 128")
+    width = math.ceil(args.depth * args.aspect_ratio / args.head_dim) * args.head_dim
+    if width > MAX_WIDTH:
+        parser.error(f"--depth {args.depth} x --aspect-ratio {args.aspect_ratio} gives width {width:,}, "
+                     f"more than {MAX_WIDTH:,}: lower --depth or --aspect-ratio")
+    if args.warmup_ratio + args.warmdown_ratio > 1:
+        parser.error(f"--warmup-ratio {args.warmup_ratio:g} + --warmdown-ratio {args.warmdown_ratio:g} exceed 1: "
+                     "the two phases must fit in one run")
 
 
 # ---------------------------------------------------------------------------------------------

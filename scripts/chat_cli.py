@@ -9,25 +9,25 @@ written, not the program. Tool calls are shown as ⟦calc: expression → result
 longer fits the model's context, the oldest turns are dropped.
 """
 
-import argparse
 import sys
 
+from nanopipe import cli
 from nanopipe.checkpoint import load_model
 from nanopipe.common import autocast, autodetect_device, autodetect_dtype
 from nanopipe.engine import Engine, ReplyDecoder
 from nanopipe.stage import Stage
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scripts.chat_cli", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m scripts.chat_cli", description=__doc__.split("\n")[0])
     p.add_argument("-i", "--source", choices=["sft", "base"], default="sft")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
-    p.add_argument("-t", "--temperature", type=float, default=0.6)
-    p.add_argument("-k", "--top-k", type=int, default=50)
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--model-tag", default=None)
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("-t", "--temperature", type=cli.nonnegative(), default=0.6, help="0: greedy")
+    p.add_argument("-k", "--top-k", type=cli.integer(1), default=50)
+    p.add_argument("--max-new-tokens", type=cli.integer(1), default=512)
+    p.add_argument("--model-tag", type=cli.name, default=None)
+    p.add_argument("--step", type=cli.integer(0), default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=cli.seed, default=42)
     return p.parse_args(argv)
 
 

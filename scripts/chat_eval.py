@@ -9,9 +9,9 @@ Task sets: real data (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingB
 synthetic data, the world's held-out tasks (world_mc, world_arith, world_spell).
 """
 
-import argparse
 import json
 
+from nanopipe import cli
 from nanopipe.chat_eval import centered, chatcore, evaluate_categorical, evaluate_generative
 from nanopipe.checkpoint import load_model
 from nanopipe.common import (UserError, atomic_write_text, autocast, autodetect_device, autodetect_dtype,
@@ -22,20 +22,20 @@ from tasks.registry import CODE_TASKS, EVAL_SETS, EVAL_TASKS, TOOL_TASKS
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scripts.chat_eval", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m scripts.chat_eval", description=__doc__.split("\n")[0])
     p.add_argument("-i", "--source", choices=["sft", "base"], default="sft", help="which model to evaluate")
     p.add_argument("-a", "--tasks", default="all", help="'all' or comma-separated task names")
-    p.add_argument("--max-problems", type=int, default=None, help="cap per task (default: all)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--num-samples", type=int, default=1, help="samples per generative problem (pass@k)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward for categorical tasks")
+    p.add_argument("--max-problems", type=cli.integer(1), default=None, help="cap per task (default: all)")
+    p.add_argument("--temperature", type=cli.nonnegative(), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=cli.integer(1), default=50)
+    p.add_argument("--num-samples", type=cli.integer(1), default=1, help="samples per generative problem (pass@k)")
+    p.add_argument("--max-new-tokens", type=cli.integer(1), default=256)
+    p.add_argument("--batch-size", type=cli.integer(1), default=8, help="prompts per forward for categorical tasks")
     p.add_argument("--tool-ablation", action="store_true",
                    help="also score the calculator tasks with the tool disabled, to show what it is worth")
-    p.add_argument("--model-tag", default=None)
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--data", default=None, help="dataset name; 'synthetic' selects the world's tasks")
+    p.add_argument("--model-tag", type=cli.name, default=None)
+    p.add_argument("--step", type=cli.integer(0), default=None)
+    p.add_argument("--data", type=cli.name, default=None, help="dataset name; 'synthetic' selects the world's tasks")
     p.add_argument("--device", default=None)
     p.add_argument("--unsafe-exec", action="store_true",
                    help="run HumanEval's generated code without the bubblewrap sandbox (Python-level guards only)")

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from nanopipe import cli
 from nanopipe.checkpoint import checkpoint_root, load_model, rng_state, save_checkpoint
 from nanopipe.common import (UserError, autocast, autodetect_device, autodetect_dtype, cleanup_distributed,
                              format_duration, get_base_dir, init_distributed, peak_flops, print0, seed_everything)
@@ -35,36 +36,45 @@ from tasks.registry import SFT_MIXTURES, SFT_TASKS, parse_mixture
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scripts.chat_sft", description=__doc__.split("\n")[0])
-    p.add_argument("--model-tag", default=None, help="base model to start from (default: the largest d<N>); "
+    p = cli.ArgumentParser(prog="python -m scripts.chat_sft", description=__doc__.split("\n")[0])
+    p.add_argument("--model-tag", type=cli.name, default=None, help="base model to start from (default: the largest d<N>); "
                                                      "the SFT model is saved under the same tag")
-    p.add_argument("--step", type=int, default=None, help="base checkpoint step (default: its last)")
-    p.add_argument("--mixture", default=None,
+    p.add_argument("--step", type=cli.integer(0), default=None, help="base checkpoint step (default: its last)")
+    p.add_argument("--mixture", type=mixture_spec, default=None,
                    help="name[:epochs],... from: " + ", ".join(SFT_TASKS) + " (default: the data's mixture)")
-    p.add_argument("--data", default=None, help="dataset name; 'synthetic' selects the synthetic mixture")
-    p.add_argument("--num-epochs", type=float, default=1.0, help="passes over the mixture")
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (overrides --num-epochs)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="row length (default: the base model's)")
-    p.add_argument("--device-batch-size", type=int, default=8)
-    p.add_argument("--total-batch-size", type=int, default=-1,
+    p.add_argument("--data", type=cli.name, default=None, help="dataset name; 'synthetic' selects the synthetic mixture")
+    p.add_argument("--num-epochs", type=cli.positive(), default=1.0, help="passes over the mixture")
+    p.add_argument("--num-iterations", type=cli.integer(1, allow=cli.AUTO), default=-1, help="optimizer steps (overrides --num-epochs)")
+    p.add_argument("--max-seq-len", type=cli.integer(1), default=None, help="row length (default: the base model's)")
+    p.add_argument("--device-batch-size", type=cli.integer(1), default=8)
+    p.add_argument("--total-batch-size", type=cli.integer(1, allow=cli.AUTO), default=-1,
                    help="tokens per step (-1: one micro-batch per rank, no accumulation)")
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--embedding-lr", type=float, default=0.3)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--scalar-lr", type=float, default=0.5)
-    p.add_argument("--init-lr-frac", type=float, default=1.0, help="LR multiplier relative to pretraining")
-    p.add_argument("--warmdown-ratio", type=float, default=0.2, help="final fraction of training with LR -> 0")
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (-1: only at the end)")
-    p.add_argument("--val-conversations", type=int, default=1000, help="held-out conversations for val loss")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only the last)")
-    p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--matrix-lr", type=cli.nonnegative(), default=0.02)
+    p.add_argument("--embedding-lr", type=cli.nonnegative(), default=0.3)
+    p.add_argument("--unembedding-lr", type=cli.nonnegative(), default=0.004)
+    p.add_argument("--scalar-lr", type=cli.nonnegative(), default=0.5)
+    p.add_argument("--init-lr-frac", type=cli.nonnegative(), default=1.0, help="LR multiplier relative to pretraining")
+    p.add_argument("--warmdown-ratio", type=cli.fraction(), default=0.2, help="final fraction of training with LR -> 0")
+    p.add_argument("--grad-clip", type=cli.nonnegative(), default=1.0, help="max global grad norm (0: no clipping)")
+    p.add_argument("--eval-every", type=cli.integer(1, allow=((-1, "only at the end"),)), default=100, help="val loss every N steps (-1: only at the end)")
+    p.add_argument("--val-conversations", type=cli.integer(1), default=1000, help="held-out conversations for val loss")
+    p.add_argument("--save-every", type=cli.integer(1, allow=cli.LAST), default=-1, help="checkpoint every N steps (-1: only the last)")
+    p.add_argument("--keep-last", type=cli.integer(1), default=2)
+    p.add_argument("--seed", type=cli.seed, default=42)
     p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true", help="continue from the last SFT checkpoint of the tag")
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--wandb", default=None, metavar="RUN")
     return p.parse_args(argv)
+
+
+def mixture_spec(text: str) -> str:
+    """--mixture, checked when parsed (names known, epochs finite and > 0)."""
+    try:
+        parse_mixture(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def build_mixtures(spec: str, val_conversations: int):

@@ -8,12 +8,12 @@ GPT-2 and GPT-4 (cl100k) encodings are compared too when they can be loaded with
 with its cached files, or tokenizer.json files already in the Hugging Face cache. Otherwise the report says so.
 """
 
-import argparse
 import hashlib
 import os
 import tempfile
 from pathlib import Path
 
+from nanopipe import cli
 from nanopipe.common import print0
 from nanopipe.dataset import default_data_name, iter_documents
 from nanopipe.stage import Stage
@@ -74,9 +74,9 @@ HF_TOKENIZERS = {"gpt2": "openai-community/gpt2", "cl100k_base": "Xenova/gpt-4"}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m scripts.tok_eval", description=__doc__.strip().split("\n\n")[0])
-    parser.add_argument("--data", default=None, help="dataset name (default: $NANOPIPE_DATA or fineweb-edu)")
-    parser.add_argument("--max-chars", type=int, default=20_000_000, help="validation characters to measure")
+    parser = cli.ArgumentParser(prog="python -m scripts.tok_eval", description=__doc__.strip().split("\n\n")[0])
+    parser.add_argument("--data", type=cli.name, default=None, help="dataset name (default: $NANOPIPE_DATA or fineweb-edu)")
+    parser.add_argument("--max-chars", type=cli.integer(1), default=20_000_000, help="validation characters to measure")
     return parser.parse_args(argv)
 
 

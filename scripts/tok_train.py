@@ -8,29 +8,27 @@ Documents are streamed and each is cut to --doc-cap characters; reading stops af
 grows with --max-chars (the distinct text chunks counted), never with the size of the dataset.
 """
 
-import argparse
 import time
 
 from tqdm import tqdm
 
+from nanopipe import cli
 from nanopipe.common import UserError, get_base_dir, print0
 from nanopipe.dataset import default_data_name, iter_documents, list_shards
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import DEFAULT_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
 
+MAX_VOCAB_SIZE = 2**31 - 1  # token ids are int32 in checkpoints (the dataloader's buffer state)
+
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m scripts.tok_train", description=__doc__.strip().split("\n\n")[0])
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="tokens, the 9 specials included")
-    parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="characters of text to train on")
-    parser.add_argument("--doc-cap", type=int, default=10_000, help="characters kept from each document")
-    parser.add_argument("--data", default=None, help="dataset name (default: $NANOPIPE_DATA or fineweb-edu)")
-    args = parser.parse_args(argv)
-    if args.max_chars < 1 or args.doc_cap < 1:
-        parser.error("--max-chars and --doc-cap must be positive")
-    if args.vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
-        parser.error(f"--vocab-size must be more than 256 bytes + {len(SPECIAL_TOKENS)} special tokens")
-    return args
+    parser = cli.ArgumentParser(prog="python -m scripts.tok_train", description=__doc__.strip().split("\n\n")[0])
+    parser.add_argument("--vocab-size", type=cli.integer(256 + len(SPECIAL_TOKENS) + 1, MAX_VOCAB_SIZE),
+                        default=DEFAULT_VOCAB_SIZE, help="tokens: 256 bytes, the 9 specials and at least one merge")
+    parser.add_argument("--max-chars", type=cli.integer(1), default=2_000_000_000, help="characters of text to train on")
+    parser.add_argument("--doc-cap", type=cli.integer(1), default=10_000, help="characters kept from each document")
+    parser.add_argument("--data", type=cli.name, default=None, help="dataset name (default: $NANOPIPE_DATA or fineweb-edu)")
+    return parser.parse_args(argv)
 
 
 def training_texts(name, max_chars, doc_cap, totals, progress):

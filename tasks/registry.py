@@ -3,6 +3,8 @@
 Names are resolved lazily, so a set only needs the files of the tasks it actually builds.
 """
 
+import math
+
 from tasks.arc import ARC
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K
@@ -60,7 +62,10 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
         if name not in SFT_TASKS:
             raise ValueError(f"unknown SFT task {name!r} in --mixture; known: {', '.join(SFT_TASKS)}")
         try:
-            entries.append((name, float(epochs) if epochs else 1.0))
+            value = float(epochs) if epochs else 1.0
         except ValueError:
-            raise ValueError(f"bad epochs {epochs!r} for {name} in --mixture: use name:number, e.g. gsm8k:2") from None
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"bad epochs {epochs!r} for {name} in --mixture: use name:number > 0, e.g. gsm8k:2")
+        entries.append((name, value))
     return entries
