@@ -739,7 +739,8 @@ def main(argv=None):
     p.add_argument("--docs-per-shard", type=cli.integer(1), default=50_000)
     p.add_argument("--val-every", type=cli.integer(2), default=100, help="every Nth document goes to the val shard")
     p = sub.add_parser("synthetic", help="generate the offline synthetic world")
-    p.add_argument("--num-shards", "-n", type=cli.integer(2), default=None, help="default: synthetic.DEFAULT_NUM_SHARDS")
+    p.add_argument("--num-shards", "-n", type=cli.integer(2), default=None,
+                   help="default: synthetic.DEFAULT_NUM_SHARDS")
     p.add_argument("--seed", type=cli.seed, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if the same seed/shards exist")
     p = sub.add_parser("chat-data", help="download SFT and chat-eval data")

@@ -442,7 +442,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("reset", help="start a new run: delete old sections and plots")
     gen = sub.add_parser("generate", help="assemble report.md from the sections present")
-    gen.add_argument("--dollars-per-hour", type=cli.nonnegative(), default=None, help="machine price, for the cost estimate")
+    gen.add_argument("--dollars-per-hour", type=cli.nonnegative(), default=None,
+                     help="machine price, for the cost estimate")
     args = parser.parse_args(argv)
     if args.command == "reset":
         reset()

@@ -54,17 +54,22 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m scripts.base_train",
                            description="Pretrain the base model (sizes derived from --depth).")
     g = p.add_argument_group("model")
-    g.add_argument("--depth", type=cli.integer(1, MAX_DEPTH), default=20, help="number of layers; width = depth * aspect ratio")
+    g.add_argument("--depth", type=cli.integer(1, MAX_DEPTH), default=20,
+                   help="number of layers; width = depth * aspect ratio")
     g.add_argument("--aspect-ratio", type=cli.integer(1, MAX_WIDTH), default=64, help="width per layer")
-    g.add_argument("--head-dim", type=cli.integer(2, MAX_WIDTH), default=128, help="attention head size (64 for small models)")
+    g.add_argument("--head-dim", type=cli.integer(2, MAX_WIDTH), default=128,
+                   help="attention head size (64 for small models)")
     g.add_argument("--max-seq-len", type=cli.integer(1, MAX_SEQ_LEN), default=2048, help="training context length")
     g = p.add_argument_group("horizon and batch")
-    g.add_argument("--num-iterations", type=cli.integer(1, allow=cli.AUTO), default=-1, help="optimizer steps (-1: from the ratio)")
-    g.add_argument("--target-flops", type=cli.positive(allow=cli.AUTO), default=-1, help="training FLOPs budget (-1: from the ratio)")
+    g.add_argument("--num-iterations", type=cli.integer(1, allow=cli.AUTO), default=-1,
+                   help="optimizer steps (-1: from the ratio)")
+    g.add_argument("--target-flops", type=cli.positive(allow=cli.AUTO), default=-1,
+                   help="training FLOPs budget (-1: from the ratio)")
     g.add_argument("--target-param-data-ratio", type=cli.positive(), default=REFERENCE_RATIO,
                    help="tokens = ratio * scaling params")
     g.add_argument("--device-batch-size", type=cli.integer(1), default=32, help="rows per micro-batch per process")
-    g.add_argument("--total-batch-size", type=cli.integer(1, allow=cli.AUTO), default=-1, help="tokens per step (-1: Power Lines auto)")
+    g.add_argument("--total-batch-size", type=cli.integer(1, allow=cli.AUTO), default=-1,
+                   help="tokens per step (-1: Power Lines auto)")
     g = p.add_argument_group("optimization")
     g.add_argument("--embedding-lr", type=cli.nonnegative(), default=0.3)
     g.add_argument("--unembedding-lr", type=cli.nonnegative(), default=0.008)
@@ -79,19 +84,24 @@ def parse_args(argv=None):
     g.add_argument("--grad-clip", type=cli.nonnegative(), default=1.0, help="max global grad norm (0: no clipping)")
     g.add_argument("--skip-spikes", action="store_true", help="skip the update of a step whose grad norm spikes")
     g = p.add_argument_group("evaluation and output")
-    g.add_argument("--eval-every", type=cli.integer(1, allow=cli.NEVER), default=250, help="val bpb every N steps (-1: never)")
+    g.add_argument("--eval-every", type=cli.integer(1, allow=cli.NEVER), default=250,
+                   help="val bpb every N steps (-1: never)")
     g.add_argument("--eval-tokens", type=cli.integer(1), default=40 * 2**19)
-    g.add_argument("--core-metric-every", type=cli.integer(1, allow=cli.NEVER), default=2000, help="CORE every N steps (-1: never)")
+    g.add_argument("--core-metric-every", type=cli.integer(1, allow=cli.NEVER), default=2000,
+                   help="CORE every N steps (-1: never)")
     g.add_argument("--core-metric-max-per-task", type=cli.integer(1, allow=cli.ALL), default=500,
                    help="CORE items per task (-1: all)")
-    g.add_argument("--sample-every", type=cli.integer(1, allow=cli.NEVER), default=2000, help="greedy samples every N steps (-1: never)")
-    g.add_argument("--save-every", type=cli.integer(1, allow=cli.LAST), default=-1, help="checkpoint every N steps (-1: only the last)")
+    g.add_argument("--sample-every", type=cli.integer(1, allow=cli.NEVER), default=2000,
+                   help="greedy samples every N steps (-1: never)")
+    g.add_argument("--save-every", type=cli.integer(1, allow=cli.LAST), default=-1,
+                   help="checkpoint every N steps (-1: only the last)")
     g.add_argument("--keep-last", type=cli.integer(1), default=2, help="checkpoints kept")
     g.add_argument("--model-tag", type=cli.name, default=None, help="checkpoint folder name (default d<depth>)")
     g.add_argument("--tensorboard", action="store_true", help="also log to <base>/logs/tensorboard/<tag>")
     g.add_argument("--wandb", default=None, metavar="RUN", help="also log to wandb under this run name")
     g = p.add_argument_group("run")
-    g.add_argument("--data", type=cli.name, default=None, help="dataset name under <base>/data (default $NANOPIPE_DATA or fineweb-edu)")
+    g.add_argument("--data", type=cli.name, default=None,
+                   help="dataset name under <base>/data (default $NANOPIPE_DATA or fineweb-edu)")
     g.add_argument("--seed", type=cli.seed, default=42)
     g.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
     g.add_argument("--compile", action="store_true", help="torch.compile the training model (CUDA)")

@@ -37,14 +37,17 @@ from tasks.registry import SFT_MIXTURES, SFT_TASKS, parse_mixture
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m scripts.chat_sft", description=__doc__.split("\n")[0])
-    p.add_argument("--model-tag", type=cli.name, default=None, help="base model to start from (default: the largest d<N>); "
+    p.add_argument("--model-tag", type=cli.name, default=None,
+                   help="base model to start from (default: the largest d<N>); "
                                                      "the SFT model is saved under the same tag")
     p.add_argument("--step", type=cli.integer(0), default=None, help="base checkpoint step (default: its last)")
     p.add_argument("--mixture", type=mixture_spec, default=None,
                    help="name[:epochs],... from: " + ", ".join(SFT_TASKS) + " (default: the data's mixture)")
-    p.add_argument("--data", type=cli.name, default=None, help="dataset name; 'synthetic' selects the synthetic mixture")
+    p.add_argument("--data", type=cli.name, default=None,
+                   help="dataset name; 'synthetic' selects the synthetic mixture")
     p.add_argument("--num-epochs", type=cli.positive(), default=1.0, help="passes over the mixture")
-    p.add_argument("--num-iterations", type=cli.integer(1, allow=cli.AUTO), default=-1, help="optimizer steps (overrides --num-epochs)")
+    p.add_argument("--num-iterations", type=cli.integer(1, allow=cli.AUTO), default=-1,
+                   help="optimizer steps (overrides --num-epochs)")
     p.add_argument("--max-seq-len", type=cli.integer(1), default=None, help="row length (default: the base model's)")
     p.add_argument("--device-batch-size", type=cli.integer(1), default=8)
     p.add_argument("--total-batch-size", type=cli.integer(1, allow=cli.AUTO), default=-1,
@@ -56,9 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--init-lr-frac", type=cli.nonnegative(), default=1.0, help="LR multiplier relative to pretraining")
     p.add_argument("--warmdown-ratio", type=cli.fraction(), default=0.2, help="final fraction of training with LR -> 0")
     p.add_argument("--grad-clip", type=cli.nonnegative(), default=1.0, help="max global grad norm (0: no clipping)")
-    p.add_argument("--eval-every", type=cli.integer(1, allow=((-1, "only at the end"),)), default=100, help="val loss every N steps (-1: only at the end)")
+    p.add_argument("--eval-every", type=cli.integer(1, allow=((-1, "only at the end"),)), default=100,
+                   help="val loss every N steps (-1: only at the end)")
     p.add_argument("--val-conversations", type=cli.integer(1), default=1000, help="held-out conversations for val loss")
-    p.add_argument("--save-every", type=cli.integer(1, allow=cli.LAST), default=-1, help="checkpoint every N steps (-1: only the last)")
+    p.add_argument("--save-every", type=cli.integer(1, allow=cli.LAST), default=-1,
+                   help="checkpoint every N steps (-1: only the last)")
     p.add_argument("--keep-last", type=cli.integer(1), default=2)
     p.add_argument("--seed", type=cli.seed, default=42)
     p.add_argument("--device", default=None)

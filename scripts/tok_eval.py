@@ -75,7 +75,8 @@ HF_TOKENIZERS = {"gpt2": "openai-community/gpt2", "cl100k_base": "Xenova/gpt-4"}
 
 def parse_args(argv=None):
     parser = cli.ArgumentParser(prog="python -m scripts.tok_eval", description=__doc__.strip().split("\n\n")[0])
-    parser.add_argument("--data", type=cli.name, default=None, help="dataset name (default: $NANOPIPE_DATA or fineweb-edu)")
+    parser.add_argument("--data", type=cli.name, default=None,
+                        help="dataset name (default: $NANOPIPE_DATA or fineweb-edu)")
     parser.add_argument("--max-chars", type=cli.integer(1), default=20_000_000, help="validation characters to measure")
     return parser.parse_args(argv)
 

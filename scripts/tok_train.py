@@ -25,9 +25,11 @@ def parse_args(argv=None):
     parser = cli.ArgumentParser(prog="python -m scripts.tok_train", description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--vocab-size", type=cli.integer(256 + len(SPECIAL_TOKENS) + 1, MAX_VOCAB_SIZE),
                         default=DEFAULT_VOCAB_SIZE, help="tokens: 256 bytes, the 9 specials and at least one merge")
-    parser.add_argument("--max-chars", type=cli.integer(1), default=2_000_000_000, help="characters of text to train on")
+    parser.add_argument("--max-chars", type=cli.integer(1), default=2_000_000_000,
+                        help="characters of text to train on")
     parser.add_argument("--doc-cap", type=cli.integer(1), default=10_000, help="characters kept from each document")
-    parser.add_argument("--data", type=cli.name, default=None, help="dataset name (default: $NANOPIPE_DATA or fineweb-edu)")
+    parser.add_argument("--data", type=cli.name, default=None,
+                        help="dataset name (default: $NANOPIPE_DATA or fineweb-edu)")
     return parser.parse_args(argv)
 
 
