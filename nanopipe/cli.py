@@ -144,3 +144,12 @@ AUTO = ((-1, "auto"),)
 NEVER = ((-1, "never"),)
 ALL = ((-1, "all"),)
 LAST = ((-1, "only the last"),)
+
+
+def utf8_text(text):
+    """Free text from the command line; bytes that were not UTF-8 reach Python as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not UTF-8 text: use a UTF-8 terminal or locale (e.g. LANG=C.UTF-8)") from None
+    return text

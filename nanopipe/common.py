@@ -165,6 +165,34 @@ def disk_space(folder: Path, needed: int, what: str = "this step"):
 
 
 # ---------------------------------------------------------------------------------------------
+# reading the user's text files: bytes that are not UTF-8 are a UserError naming the file and line
+
+TO_UTF8 = "convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+
+
+def _not_utf8(path, line: int, raw: bytes, error: UnicodeDecodeError, fix: str) -> UserError:
+    return UserError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x}): {fix}")
+
+
+def read_text_file(path, fix: str = TO_UTF8) -> str:
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data.count(b"\n", 0, e.start) + 1, data, e, fix) from None
+
+
+def iter_text_lines(path, fix: str = TO_UTF8):
+    """(line number, line) of a UTF-8 text file, streamed (for files too large to hold)."""
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, 1):
+            try:
+                yield line_number, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, line_number, raw, e, fix) from None
+
+
+# ---------------------------------------------------------------------------------------------
 # device and dtype
 
 def autodetect_device(override: str | None = None) -> str:

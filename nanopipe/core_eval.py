@@ -28,6 +28,7 @@ identical for any batch size (tested); on GPU, kernels picked by batch shape can
 """
 
 import csv
+import io
 import json
 import random
 import time
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from nanopipe.common import UserError, get_dist_info
+from nanopipe.common import UserError, get_dist_info, iter_text_lines, read_text_file
 from nanopipe.gpt import KVCache
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -49,6 +50,7 @@ BUCKET = 16               # prompts are padded to a multiple of this many tokens
 SHUFFLE_SEED = 1337       # each task's data is shuffled once with this seed, before --max-per-task
 FEWSHOT_SEED = 1234       # item i draws its few-shot examples with random.Random(FEWSHOT_SEED + i)
 SHARED_PREFIX_FRACTION = 0.5  # an item whose prompts share at least this fraction runs the prefix once
+FIX = "fix or re-download the eval bundle"
 
 
 @dataclass
@@ -98,27 +100,26 @@ def _check_item(item, task_type):
 def load_task_items(path: Path, task_type: str) -> list[dict]:
     """Rows of one task file, validated; a broken row raises UserError naming file:line."""
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or re-download the eval bundle")
-            problem = _check_item(item, task_type)
-            if problem:
-                raise UserError(f"{path}:{lineno}: {problem}; fix or re-download the eval bundle")
-            items.append(item)
+    for lineno, line in iter_text_lines(path, FIX):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg}); {FIX}") from None
+        problem = _check_item(item, task_type)
+        if problem:
+            raise UserError(f"{path}:{lineno}: {problem}; {FIX}")
+        items.append(item)
     if not items:
-        raise UserError(f"{path}: no rows; fix or re-download the eval bundle")
+        raise UserError(f"{path}: no rows; {FIX}")
     return items
 
 
 def _read_baselines(csv_path: Path) -> dict[str, float]:
     if not csv_path.is_file():
         raise UserError(f"no {csv_path.name} in {csv_path.parent}: the eval bundle is incomplete, re-download it")
-    with open(csv_path, encoding="utf-8", newline="") as f:
+    with io.StringIO(read_text_file(csv_path, FIX), newline="") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or "Eval Task" not in reader.fieldnames or "Random baseline" not in reader.fieldnames:
             raise UserError(f"{csv_path}: needs the columns 'Eval Task' and 'Random baseline'")
@@ -138,7 +139,7 @@ def load_bundle(bundle_dir) -> tuple[list[CoreTask], list[str]]:
     if not config_path.is_file():
         raise UserError(f"no core.yaml in {bundle_dir}: not a CORE eval bundle (download it, or point NANOPIPE_EVAL_BUNDLE at one)")
     try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        config = yaml.safe_load(read_text_file(config_path, FIX))
     except yaml.YAMLError as e:
         raise UserError(f"{config_path}: not valid YAML ({e.__class__.__name__})")
     entries = config.get("icl_tasks") if isinstance(config, dict) else None
@@ -159,13 +160,17 @@ def load_bundle(bundle_dir) -> tuple[list[CoreTask], list[str]]:
             raise UserError(f"{bundle_dir / 'eval_meta_data.csv'}: no 'Random baseline' for task {label!r}")
         path = bundle_dir / "eval_data" / uri
         if not path.is_file():
-            warnings.warn(f"CORE task {label}: {path} is missing, skipping it (CORE will be partial)")
-            missing.append(label)
+            missing.append((label, path))
             continue
         tasks.append(CoreTask(label=label, task_type=task_type, path=path, num_fewshot=num_fewshot,
                               delimiter=entry.get("continuation_delimiter", " "),
                               random_baseline=baselines[label], items=load_task_items(path, task_type)))
-    return tasks, missing
+    if not tasks:
+        raise UserError(f"none of the {len(missing)} task files named in {config_path} is in "
+                        f"{bundle_dir / 'eval_data'}: {FIX}")
+    for label, path in missing:
+        warnings.warn(f"CORE task {label}: {path} is missing, skipping it (CORE will be partial)")
+    return tasks, [label for label, _ in missing]
 
 
 def select_items(items: list, max_per_task: int = -1) -> list:
@@ -415,7 +420,7 @@ def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task: int = -1, 
             "seconds": time.perf_counter() - t0,
         }
     model.train(was_training)
-    core = sum(r["centered"] for r in results.values()) / len(results) if results else float("nan")
+    core = sum(r["centered"] for r in results.values()) / len(results)  # load_bundle refuses an empty bundle
     return {"core": core, "core_tasks": len(results), "core_tasks_total": len(results) + len(missing),
             "missing_tasks": missing, "tasks": results}
 

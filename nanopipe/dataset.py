@@ -32,8 +32,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanopipe import cli
-from nanopipe.common import (UserError, atomic_write_text, disk_full_error, get_base_dir, is_disk_full, replace_dir,
-                             temp_dir_beside)
+from nanopipe.common import (UserError, atomic_write_text, disk_full_error, get_base_dir, is_disk_full,
+                             iter_text_lines, read_text_file, replace_dir, temp_dir_beside)
 from nanopipe.download import (DownloadError, DownloadJob, HubFile, download_file, download_many, hf_endpoint,
                                resolve_revision)
 
@@ -147,8 +147,13 @@ def open_shard(path, column="text") -> pq.ParquetFile:
         raise UserError(f"corrupt parquet file {path} ({e}): delete it and create it again") from None
     if pf.metadata.num_rows == 0 or pf.num_row_groups == 0:
         raise UserError(f"empty parquet file {path} (0 rows): delete it and create it again")
-    if column is not None and column not in pf.schema_arrow.names:
-        raise UserError(f"parquet file {path} has no `{column}` column (columns: {pf.schema_arrow.names})")
+    if column is not None:
+        if column not in pf.schema_arrow.names:
+            raise UserError(f"parquet file {path} has no `{column}` column (columns: {pf.schema_arrow.names})")
+        kind = pf.schema_arrow.field(column).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise UserError(f"parquet file {path}: column `{column}` holds {kind}, not text: "
+                            "write one document per row as a string")
     return pf
 
 
@@ -469,20 +474,22 @@ def local_files(path):
 def iter_file_documents(path):
     """Documents of one file: a .txt/.md file is one document, .jsonl rows' `text`, .parquet's `text` column."""
     if path.suffix in (".txt", ".md"):
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(path)
         if text.strip():
             yield text
     elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    text = json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
-                if text:
-                    yield text
+        for lineno, line in iter_text_lines(path):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a \"text\" field") from None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{lineno}: \"text\" is {type(text).__name__}, not a string: "
+                                "write each document as {\"text\": \"...\"}")
+            if text:
+                yield text
     else:
         pf = open_shard(path)
         for row_group in range(pf.num_row_groups):

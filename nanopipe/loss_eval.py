@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from nanopipe.common import UserError
+from nanopipe.common import UserError, read_text_file
 
 
 def _bpb_sums(losses, y, token_bytes):
@@ -72,7 +72,7 @@ def evaluate_text(model, tokenizer, paths, batch_size: int = 8, seq_len: int | N
         path = Path(path)
         if not path.is_file():
             raise UserError(f"no text file {path}: pass existing files to --text")
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(path)
         if not text:
             raise UserError(f"{path} is empty: nothing to evaluate")
         ids = tokenizer.encode(text, prepend=tokenizer.bos_token_id)

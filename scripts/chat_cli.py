@@ -13,14 +13,14 @@ import sys
 
 from nanopipe import cli
 from nanopipe.checkpoint import load_model
-from nanopipe.common import autocast, autodetect_device, autodetect_dtype
+from nanopipe.common import UserError, autocast, autodetect_device, autodetect_dtype
 from nanopipe.engine import Engine, ReplyDecoder
 from nanopipe.stage import Stage
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m scripts.chat_cli", description=__doc__.split("\n")[0])
     p.add_argument("-i", "--source", choices=["sft", "base"], default="sft")
-    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    p.add_argument("-p", "--prompt", type=cli.utf8_text, default=None, help="answer this one prompt and exit")
     p.add_argument("-t", "--temperature", type=cli.nonnegative(), default=0.6, help="0: greedy")
     p.add_argument("-k", "--top-k", type=cli.integer(1), default=50)
     p.add_argument("--max-new-tokens", type=cli.integer(1), default=512)
@@ -78,6 +78,16 @@ class ChatSession:
         self.messages.append({"role": "assistant", "content": parts})
 
 
+def read_line(prompt: str) -> str:
+    """A line of the user's input; bytes that are not UTF-8 (strict, or surrogate-escaped by a C locale) are refused."""
+    try:
+        text = input(prompt)
+        text.encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        raise UserError("the input is not UTF-8 text: use a UTF-8 terminal or locale (e.g. LANG=C.UTF-8)") from None
+    return text.strip()
+
+
 def main(argv=None):
     args = parse_args(argv)
     with Stage("chat_cli", args, report=False):
@@ -98,7 +108,7 @@ def main(argv=None):
                   "/clear: new conversation, /quit: exit, Ctrl-C: stop an answer.")
             while True:
                 try:
-                    text = input("\nyou> ").strip()
+                    text = read_line("\nyou> ")
                 except (EOFError, KeyboardInterrupt):
                     print()
                     return

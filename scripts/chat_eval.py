@@ -62,6 +62,8 @@ def main(argv=None):
         # load every file (and check the code sandbox) first: fail before any work
         tasks = {name: EVAL_TASKS[name](unsafe_exec=args.unsafe_exec) if name in CODE_TASKS else EVAL_TASKS[name]()
                  for name in names}
+        for task in tasks.values():
+            task.validate()
         model, tokenizer, meta = load_model(args.source, args.model_tag, args.step, device)
         model.eval()
 

@@ -91,6 +91,9 @@ def build_mixtures(spec: str, val_conversations: int):
     train, val, table = [], [], []
     for name, epochs in entries:
         train_task, val_task = SFT_TASKS[name]()
+        for task in (train_task, val_task):
+            if task is not None:
+                task.validate()  # every conversation, before training: a bad row fails now, not mid-run
         train.append((train_task, epochs))
         table.append((name, epochs, len(train_task)))
         if val_task is not None:

@@ -18,7 +18,8 @@ class ARC(Task):
         if subset not in SUBSETS or split not in SPLITS:
             raise ValueError(f"ARC subset must be one of {SUBSETS} and split one of {SPLITS}, got {subset!r}/{split!r}")
         self.name = subset
-        self.rows = ParquetRows([chat_file(path, "arc", f"{subset}/{split}-00000-of-00001.parquet")], "arc")
+        path = chat_file(path, "arc", f"{subset}/{split}-00000-of-00001.parquet")
+        self.rows = ParquetRows([path], "arc", ("question", "choices", "answerKey"))
 
     def num_examples(self):
         return len(self.rows)

@@ -15,7 +15,7 @@ import random
 import re
 from pathlib import Path
 
-from nanopipe.common import UserError
+from nanopipe.common import UserError, iter_text_lines
 from nanopipe.dataset import chat_data_file
 
 CHAT_DATA_COMMAND = "python -m nanopipe.dataset chat-data"
@@ -39,6 +39,30 @@ class Task:
         if self.eval_type != "categorical":
             raise NotImplementedError(f"{self.name} has no generative scoring")
         return completion.strip() == conversation["answer"]
+
+    def check_example(self, example: dict):
+        """Raise ValueError unless `example` is usable: a well-formed conversation, plus what scoring reads."""
+        check_conversation(example)
+        if self.eval_type == "categorical":
+            letters = example.get("letters")
+            if (not isinstance(letters, list) or not all(isinstance(x, str) for x in letters)
+                    or example.get("answer") not in letters):
+                raise ValueError("a multiple-choice item needs 'letters' (strings) and an 'answer' among them")
+
+    def where(self, index: int) -> str:
+        """Where example `index` comes from, for error messages: file:line for .jsonl, file and row for parquet."""
+        rows = getattr(self, "rows", None)
+        return rows.where(index) if hasattr(rows, "where") else f"{self.name} example {index}"
+
+    def validate(self):
+        """Check every example before training or scoring starts; a bad one is a UserError naming where it is."""
+        for index, example in enumerate(self):
+            try:
+                self.check_example(example)
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                problem = f"no field {e}" if isinstance(e, KeyError) else str(e)
+                raise UserError(f"{self.where(index)}: malformed {self.name} example ({problem}): fix the file, "
+                                "or delete it and download or generate it again") from None
 
     def __len__(self) -> int:
         return self.num_examples()
@@ -77,6 +101,12 @@ class TaskView(Task):
 
     def get_example(self, index):
         return self.base.get_example(self.indices[index])
+
+    def check_example(self, example):
+        self.base.check_example(example)
+
+    def where(self, index):
+        return self.base.where(self.indices[index])
 
     def evaluate(self, conversation, completion):
         return self.base.evaluate(conversation, completion)
@@ -196,17 +226,31 @@ class ParquetRows:
     """The rows of one or more parquet files, kept as Arrow tables (compact: SmolTalk's ~460K conversations
     stay columnar) and turned into Python dicts one row at a time. A missing or unreadable file is a UserError."""
 
-    def __init__(self, paths, what: str):
+    def __init__(self, paths, what: str, columns=()):
+        """`columns`: the names the task reads; a file without one of them is refused when opened."""
         import pyarrow as pa
         import pyarrow.parquet as pq
         tables = []
+        fix = f"delete it and run `{CHAT_DATA_COMMAND} --only {what}` again"
         for path in paths:
             try:
-                tables.append(pq.read_table(path))
+                table = pq.read_table(path)
             except Exception as e:  # pyarrow raises several types for truncated/corrupt files
-                raise UserError(f"cannot read {what} file {path} ({type(e).__name__}): delete it and run "
-                                f"`{CHAT_DATA_COMMAND}` again") from e
+                raise UserError(f"cannot read {what} file {path} ({type(e).__name__}): {fix}") from e
+            absent = [c for c in columns if c not in table.column_names]
+            if absent:
+                raise UserError(f"{what} file {path} has no column {', '.join(absent)} "
+                                f"(it has {', '.join(table.column_names)}): {fix}")
+            tables.append(table)
+        self.paths = list(paths)
         self.table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+    def where(self, index: int) -> str:
+        return f"{', '.join(map(str, self.paths))} row {index}"
+
+    def __iter__(self):
+        for batch in self.table.to_batches():  # much faster than one slice per row, for validating every row
+            yield from batch.to_pylist()
 
     def __len__(self):
         return self.table.num_rows
@@ -215,14 +259,22 @@ class ParquetRows:
         return self.table.slice(index, 1).to_pylist()[0]
 
 
-def read_jsonl(path) -> list:
-    """Every JSON value of a .jsonl file (blank lines skipped); a bad line is a UserError naming it."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
+class JsonlRows(list):
+    """Every JSON value of a .jsonl file (blank lines skipped), remembering each one's line for messages.
+    A line that is not UTF-8 or not JSON is a UserError naming file:line."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.lines = Path(path), []
+        for line_number, line in iter_text_lines(path):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    self.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg}): fix or regenerate the file") from e
-    return rows
+                    raise UserError(f"{path}:{line_number} is not valid JSON ({e.msg}): fix or regenerate the file") \
+                        from None
+                self.lines.append(line_number)
+
+    def where(self, index: int) -> str:
+        return f"{self.path}:{self.lines[index]}"
+

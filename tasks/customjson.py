@@ -6,7 +6,7 @@ malformed line fails before training starts, naming the file and line.
 """
 
 from nanopipe.common import UserError
-from tasks.common import Task, chat_data_file, check_conversation, read_jsonl, require_file
+from tasks.common import JsonlRows, Task, chat_data_file, check_conversation, require_file
 
 
 class CustomJSON(Task):
@@ -19,13 +19,14 @@ class CustomJSON(Task):
         path = require_file(path, "conversations", "check the path")
         self.name = name or path.stem
         self.conversations = []
-        for line_number, row in enumerate(read_jsonl(path), 1):
+        rows = JsonlRows(path)
+        for index, row in enumerate(rows):
             conversation = {"messages": row} if isinstance(row, list) else row
             try:
                 check_conversation(conversation)
             except ValueError as e:
-                raise UserError(f"{path}: conversation {line_number} is malformed ({e}): each line must be a list "
-                                f"of messages or {{\"messages\": [...]}}, user/assistant alternating") from e
+                raise UserError(f"{rows.where(index)}: malformed conversation ({e}): each line must be a list "
+                                f"of messages or {{\"messages\": [...]}}, user/assistant alternating") from None
             self.conversations.append({"messages": conversation["messages"]})
 
     def num_examples(self):

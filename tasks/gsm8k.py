@@ -9,7 +9,7 @@ reference against the last number of the completion.
 
 import re
 
-from tasks.common import ParquetRows, Task, chat_file, last_number, read_jsonl, same_number
+from tasks.common import JsonlRows, ParquetRows, Task, chat_file, last_number, same_number
 
 _ANNOTATION = re.compile(r"(<<[^<>]*>>)")
 
@@ -44,7 +44,7 @@ class GSM8K(Task):
         if split not in ("train", "test"):
             raise ValueError(f"GSM8K split must be train or test, got {split!r}")
         path = chat_file(path, "gsm8k", f"main/{split}-00000-of-00001.parquet")
-        self.rows = read_jsonl(path) if path.suffix == ".jsonl" else ParquetRows([path], "gsm8k")
+        self.rows = JsonlRows(path) if path.suffix == ".jsonl" else ParquetRows([path], "gsm8k", ("question", "answer"))
 
     def num_examples(self):
         return len(self.rows)

@@ -12,7 +12,7 @@ guards.
 import re
 
 from nanopipe.execution import require_sandbox, run_sandboxed
-from tasks.common import ParquetRows, Task, chat_file, read_jsonl
+from tasks.common import JsonlRows, ParquetRows, Task, chat_file
 
 TIMEOUT_S = 5.0
 MEMORY_MB = 256
@@ -35,6 +35,9 @@ def build_program(conversation: dict, completion: str) -> str:
                         f"check({conversation['entry_point']})\n"])
 
 
+COLUMNS = ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+
+
 class HumanEval(Task):
     name = "HumanEval"
     eval_type = "generative"
@@ -46,7 +49,7 @@ class HumanEval(Task):
             require_sandbox()  # refuse before any generation, not at the first completion
         self.unsafe_exec = unsafe_exec
         path = chat_file(path, "humaneval", "openai_humaneval/test-00000-of-00001.parquet")
-        self.rows = read_jsonl(path) if path.suffix == ".jsonl" else ParquetRows([path], "humaneval")
+        self.rows = JsonlRows(path) if path.suffix == ".jsonl" else ParquetRows([path], "humaneval", COLUMNS)
 
     def num_examples(self):
         return len(self.rows)

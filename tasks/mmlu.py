@@ -19,7 +19,8 @@ class MMLU(Task):
     def __init__(self, subset: str = "all", split: str = "test", path=None):
         if (subset, split) not in FILES:
             raise ValueError(f"MMLU has subset/split {sorted(FILES)}, not {(subset, split)}")
-        self.rows = ParquetRows([chat_file(path, "mmlu", FILES[subset, split])], "mmlu")
+        path = chat_file(path, "mmlu", FILES[subset, split])
+        self.rows = ParquetRows([path], "mmlu", ("question", "choices", "answer"))
 
     def num_examples(self):
         return len(self.rows)

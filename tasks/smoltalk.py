@@ -22,16 +22,23 @@ class SmolTalk(Task):
         else:
             paths = [require_file(p, "smoltalk data") for p in paths]
         self.paths = paths
-        self.rows = ParquetRows(paths, "smoltalk")
+        self.rows = ParquetRows(paths, "smoltalk", ("messages",))
 
     def num_examples(self):
         return len(self.rows)
 
     def get_example(self, index):
-        conversation = {"messages": [{"role": m["role"], "content": m["content"]} for m in self.rows[index]["messages"]]}
+        conversation = _conversation(self.rows[index])
         try:
             check_conversation(conversation)
         except ValueError as e:
             raise UserError(f"SmolTalk row {index} in {', '.join(map(str, self.paths))} is malformed ({e}): "
                             f"re-download it with `python -m nanopipe.dataset chat-data --only smoltalk`") from e
         return conversation
+
+    def __iter__(self):  # batched rows: validate() reads all ~460K conversations in seconds, not minutes
+        return map(_conversation, self.rows)
+
+
+def _conversation(row: dict) -> dict:
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in row["messages"]]}

@@ -13,6 +13,7 @@ RNG, so any index (and any slice) is reproducible on its own; the test split use
 
 import random
 
+from nanopipe.common import UserError, read_text_file
 from nanopipe.execution import calculate
 from tasks.common import Task, chat_file, last_number, same_number
 
@@ -61,10 +62,13 @@ def pick_letter(word: str, rng: random.Random) -> str:
 
 def load_words(path=None) -> list[str]:
     path = chat_file(path, "words", "words_alpha.txt")
-    with open(path, encoding="utf-8") as f:
-        words = [w.strip().lower() for w in f]
+    words = [w.strip().lower() for w in read_text_file(path).splitlines()]
     # only plain a-z words of a sensible length: they fit the calculator's .count() literal rules
-    return [w for w in words if 3 <= len(w) <= 16 and w.isascii() and w.isalpha()]
+    words = [w for w in words if 3 <= len(w) <= 16 and w.isascii() and w.isalpha()]
+    if not words:
+        raise UserError(f"{path} has no word of 3-16 letters a-z (one per line): download it again with "
+                        "`python -m nanopipe.dataset chat-data --only words`")
+    return words
 
 
 class _WordTask(Task):
@@ -77,6 +81,9 @@ class _WordTask(Task):
 
     def num_examples(self):
         return self.size
+
+    def validate(self):
+        pass  # examples are generated from the word list, which load_words checked
 
     def _rng(self, index):
         return random.Random(self.seed_offset + index)

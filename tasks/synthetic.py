@@ -10,7 +10,7 @@ SFT conversations and three chat-eval tasks whose questions are held out of the 
 from pathlib import Path
 
 from nanopipe.dataset import dataset_dir
-from tasks.common import Task, last_number, read_jsonl, require_file, same_number
+from tasks.common import JsonlRows, Task, last_number, require_file, same_number
 
 MAKE_COMMAND = "run `python -m nanopipe.dataset synthetic` first"
 
@@ -21,7 +21,8 @@ class _SyntheticChat(Task):
     def __init__(self, data_dir=None):
         """`data_dir`: the synthetic dataset folder (default <base>/data/synthetic)."""
         data_dir = dataset_dir("synthetic") if data_dir is None else Path(data_dir)
-        self.rows = read_jsonl(require_file(data_dir / "chat" / f"{self.stem}.jsonl", "synthetic chat", MAKE_COMMAND))
+        self.rows = JsonlRows(require_file(data_dir / "chat" / f"{self.stem}.jsonl", "synthetic chat",
+                                           MAKE_COMMAND))
 
     def num_examples(self):
         return len(self.rows)
@@ -50,6 +51,11 @@ class WorldMC(_SyntheticChat):
 class _LastNumberTask(_SyntheticChat):
     eval_type = "generative"
     baseline = 0.0
+
+    def check_example(self, example):
+        super().check_example(example)
+        if not same_number(example.get("answer"), example.get("answer")):
+            raise ValueError("the item needs a numeric 'answer'")
 
     def evaluate(self, conversation, completion):
         return same_number(last_number(completion), conversation["answer"])

@@ -5,6 +5,7 @@ Stages run in-process through their main(argv) on one tiny real world built for 
 a 512-token tokenizer, a 2-step base model and a 2-step SFT model); a few run as real subprocesses.
 """
 
+import io
 import json
 import shutil
 import subprocess
@@ -57,8 +58,9 @@ def base(world, tmp_path, monkeypatch):
 
 
 def snapshot(root):
-    """Every file and folder under root with its size and mtime."""
-    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+    """Every folder under root, and every file with its size and mtime (a folder's own mtime changes when a
+    temp file inside it comes and goes, which leaves nothing behind)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*"))}
 
 
@@ -204,4 +206,171 @@ def test_bad_flags_in_a_real_process(base, argv, culprit):
     assert "Traceback" not in r.stdout + r.stderr
     errors = [line for line in (r.stdout + r.stderr).splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].startswith("error: ") and culprit in errors[0], errors
+    assert snapshot(base.parent) == before
+
+
+# --- files: each is checked when opened, and the error names it (and the line, for line-based files)
+
+def write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data if isinstance(data, bytes) else data.encode())
+
+
+def conversation(*turns):
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
+GOOD = json.dumps(conversation(("user", "hi"), ("assistant", "hello")))
+
+
+@pytest.fixture
+def no_sft(base):
+    """The world without its SFT model, so chat_sft would really train if it accepted the input."""
+    shutil.rmtree(base / "checkpoints" / "sft")
+    return base
+
+
+def first_core_task_file(base):
+    return sorted((base / "data" / "synthetic" / "eval_bundle" / "eval_data").rglob("*.jsonl"))[0]
+
+
+@pytest.mark.parametrize("files,culprit", [
+    ({"a.txt": "hello " * 20, "b.txt": BAD_UTF8}, "b.txt:1: not UTF-8"),
+    ({"a.jsonl": b'{"text": "ok"}\n\n{"text": "fine"}\n{"text": "caf\xe9"}\n'}, "a.jsonl:4: not UTF-8"),
+    ({"a.jsonl": '{"text": "ok"}\n{"text": "fine"}\n{"text": 5}\n'}, "a.jsonl:3: \"text\" is int"),
+    ({"a.jsonl": '{"text": "ok"}\n{"text": "fine"}\n{"text": null}\n'}, "a.jsonl:3: \"text\" is NoneType"),
+    ({"a.jsonl": '{"text": "ok"}\n{"oops\n'}, "a.jsonl:2"),
+    ({"a.parquet": pa.table({"text": [1, 2, 3]})}, "a.parquet: column `text` holds int64"),
+    ({"a.parquet": pa.table({"body": ["a", "b"]})}, "a.parquet has no `text` column"),
+    ({"a.parquet": b"PAR1 not parquet"}, "corrupt parquet file"),
+], ids=["txt-latin1", "jsonl-latin1", "jsonl-int-text", "jsonl-null-text", "jsonl-bad-json", "parquet-int-text",
+        "parquet-no-text", "parquet-garbage"])
+def test_bad_local_data_file(base, capsys, files, culprit):
+    folder = base.parent / "mine"
+    for name, content in files.items():
+        if isinstance(content, pa.Table):
+            folder.mkdir(exist_ok=True)
+            pq.write_table(content, folder / name)
+        else:
+            write(folder / name, content)
+    refuse(dataset.main, ["local", "--name", "mine", str(folder)], culprit, base.parent, capsys)
+
+
+def test_pretraining_shard_with_a_non_text_column(base, capsys):
+    shard = base / "data" / "synthetic" / "shard_00000.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3]}), shard)
+    manifest = json.loads((shard.parent / "manifest.json").read_text())  # as if a mirror had served this shard
+    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=dataset.file_sha256(shard))
+    (shard.parent / "manifest.json").write_text(json.dumps(manifest))
+    refuse(tok_train.main, ["--vocab-size", "300"], "shard_00000.parquet: column `text` holds int64", base.parent,
+           capsys)
+
+
+def test_tokenizer_file_that_is_not_a_tokenizer(base, capsys):
+    write(base / "tokenizer" / "tokenizer.json", b"\x00garbage")
+    refuse(tok_eval.main, [], "tokenizer.json", base.parent, capsys)
+
+
+@pytest.mark.parametrize("break_bundle,culprit", [
+    (lambda b: write(b / "core.yaml", BAD_UTF8), "core.yaml:1: not UTF-8"),
+    (lambda b: write(b / "core.yaml", "icl_tasks: [unclosed\n"), "core.yaml: not valid YAML"),
+    (lambda b: write(b / "eval_meta_data.csv", b"Eval Task,Random baseline\n" + BAD_UTF8), "eval_meta_data.csv:2"),
+    (lambda b: shutil.rmtree(b / "eval_data"), "none of the 5 task files"),
+], ids=["yaml-latin1", "yaml-broken", "csv-latin1", "every-task-file-missing"])
+def test_bad_core_bundle(base, capsys, break_bundle, culprit):
+    break_bundle(base / "data" / "synthetic" / "eval_bundle")
+    refuse(base_eval.main, ["--eval", "core", "--device", "cpu"], culprit, base.parent, capsys)
+
+
+@pytest.mark.parametrize("content,where", [(b"\n" + BAD_UTF8, ":2: not UTF-8"), (b"{oops\n", ":1")],
+                         ids=["latin1", "bad-json"])
+def test_bad_core_task_file(base, capsys, content, where):
+    task_file = first_core_task_file(base)
+    with open(task_file, "rb") as f:
+        lines = f.read().count(b"\n")
+    with open(task_file, "ab") as f:
+        f.write(content)
+    line = lines + int(where.split(":")[1])
+    refuse(base_eval.main, ["--eval", "core", "--device", "cpu"], f"{task_file.name}:{line}", base.parent, capsys)
+
+
+def test_text_file_to_evaluate_that_is_not_utf8(base, capsys):
+    write(base.parent / "notes.txt", b"fine line\n" + BAD_UTF8)
+    refuse(base_eval.main, ["--eval", "text", "--text", "notes.txt", "--device", "cpu"], "notes.txt:2: not UTF-8",
+           base.parent, capsys)
+
+
+# --- conversations: validated whole before training or scoring starts
+
+def append_row(path, row):
+    with open(path, "ab") as f:
+        f.write((row if isinstance(row, bytes) else json.dumps(row).encode()) + b"\n")
+    with open(path, "rb") as f:
+        return f.read().count(b"\n")  # the line number of the row just written
+
+
+CHAT = ("data", "synthetic", "chat")
+
+
+@pytest.mark.parametrize("stem,row,problem", [
+    ("sft_train", conversation(("assistant", "x")), "malformed SyntheticSFT example"),
+    ("sft_train", conversation(("user", 5), ("assistant", "x")), "content is neither text"),
+    ("sft_train", BAD_UTF8.rstrip(), "not UTF-8"),
+    ("sft_val", {"messages": "hi"}, "malformed SyntheticSFT example"),
+], ids=["train-wrong-role", "train-int-content", "train-latin1", "val-not-a-list"])
+def test_bad_sft_conversation_is_found_before_training(no_sft, capsys, stem, row, problem):
+    path = no_sft.joinpath(*CHAT, f"{stem}.jsonl")
+    line = append_row(path, row)  # the last line: a run of a few steps would never reach it
+    message = refuse(chat_sft.main, TINY_SFT, f"{path}:{line}", no_sft.parent, capsys)
+    assert problem in message
+
+
+@pytest.mark.parametrize("content,culprit", [
+    (BAD_UTF8, "identity_conversations.jsonl:1: not UTF-8"),
+    (GOOD + "\n" + json.dumps([{"role": "assistant", "content": "x"}]) + "\n",
+     "identity_conversations.jsonl:2: malformed conversation"),
+    (GOOD + "\n\n5\n", "identity_conversations.jsonl:3: malformed conversation"),
+], ids=["latin1", "wrong-role", "a-number"])
+def test_bad_identity_file(no_sft, capsys, content, culprit):
+    write(no_sft / "chat_data" / "identity" / "identity_conversations.jsonl", content)
+    refuse(chat_sft.main, [*TINY_SFT, "--mixture", "identity,synthetic"], culprit, no_sft.parent, capsys)
+
+
+@pytest.mark.parametrize("stem,row,problem", [
+    ("eval_world_mc", conversation(("user", "q"), ("assistant", "A")), "'letters'"),
+    ("eval_world_arith", {**conversation(("user", "q"), ("assistant", "4")), "answer": "four"}, "numeric 'answer'"),
+], ids=["mc-without-letters", "arith-without-number"])
+def test_bad_chat_eval_item_is_found_before_scoring(base, capsys, stem, row, problem):
+    path = base.joinpath(*CHAT, f"{stem}.jsonl")
+    line = append_row(path, row)
+    message = refuse(chat_eval.main, ["--max-problems", "2", "--device", "cpu"], f"{path}:{line}", base.parent, capsys)
+    assert problem in message
+
+
+def test_chat_data_parquet_without_the_columns_a_task_reads(base, capsys):
+    path = base / "chat_data" / "gsm8k" / "main" / "test-00000-of-00001.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1, 2]}), path)
+    refuse(chat_eval.main, ["-a", "GSM8K", "--device", "cpu"], "has no column question, answer", base.parent, capsys)
+
+
+# --- chat input
+
+def test_chat_input_that_is_not_utf8(base, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(BAD_UTF8), encoding="utf-8"))
+    refuse(chat_cli.main, ["--device", "cpu", "--max-new-tokens", "4"], "not UTF-8", base.parent, capsys)
+
+
+def test_chat_prompt_that_is_not_utf8(base, capsys):
+    refuse(chat_cli.main, ["-p", "caf\udce9", "--device", "cpu"], "--prompt: not UTF-8", base.parent, capsys)
+
+
+def test_chat_input_that_is_not_utf8_in_a_real_process(base):
+    before = snapshot(base.parent)
+    r = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "--device", "cpu", "--max-new-tokens", "4"],
+                       input=BAD_UTF8, env=subprocess_env(), capture_output=True, timeout=300, cwd=base.parent)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        "error: the input is not UTF-8 text: use a UTF-8 terminal or locale (e.g. LANG=C.UTF-8)"]
     assert snapshot(base.parent) == before

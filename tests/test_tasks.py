@@ -234,7 +234,7 @@ def test_customjson_both_line_formats_and_errors(tmp_path):
     task = CustomJSON(path)
     assert len(task) == 2 and task[0] == task[1] == {"messages": messages} and task.name == "identity"
     path.write_text(json.dumps(messages) + "\n" + json.dumps(messages[:1]) + "\n")
-    with pytest.raises(UserError, match="conversation 2 is malformed"):
+    with pytest.raises(UserError, match="identity.jsonl:2: malformed conversation"):
         CustomJSON(path)
     path.write_text("{not json\n")
     with pytest.raises(UserError, match="identity.jsonl:1"):
