@@ -20,7 +20,8 @@ class MMLU(Task):
         if (subset, split) not in FILES:
             raise ValueError(f"MMLU has subset/split {sorted(FILES)}, not {(subset, split)}")
         path = chat_file(path, "mmlu", FILES[subset, split])
-        self.rows = ParquetRows([path], "mmlu", ("question", "choices", "answer"))
+        columns = ("train",) if subset == "auxiliary_train" else ("question", "choices", "answer")
+        self.rows = ParquetRows([path], "mmlu", columns)
 
     def num_examples(self):
         return len(self.rows)
