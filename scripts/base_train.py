@@ -75,10 +75,12 @@ def parse_args(argv=None):
     g.add_argument("--unembedding-lr", type=cli.nonnegative(), default=0.008)
     g.add_argument("--matrix-lr", type=cli.nonnegative(), default=0.02, help="Muon LR")
     g.add_argument("--scalar-lr", type=cli.nonnegative(), default=0.5)
-    g.add_argument("--weight-decay", type=cli.nonnegative(), default=0.28, help="Muon weight decay at d12 (cosine to 0)")
+    g.add_argument("--weight-decay", type=cli.nonnegative(), default=0.28,
+                   help="Muon weight decay at d12 (cosine to 0)")
     # LR warmup as a fraction of the run: upstream's 40 steps of its 2,520 at d12
     g.add_argument("--warmup-ratio", type=cli.fraction(), default=0.016)
-    g.add_argument("--warmdown-ratio", type=cli.fraction(), default=0.65, help="final fraction of steps with LR decay")
+    g.add_argument("--warmdown-ratio", type=cli.fraction(), default=0.65,
+                   help="final fraction of steps with LR decay")
     g.add_argument("--final-lr-frac", type=cli.fraction(), default=0.05,
                    help="LR at the end, as a fraction of the peak")
     g.add_argument("--grad-clip", type=cli.nonnegative(), default=1.0, help="max global grad norm (0: no clipping)")

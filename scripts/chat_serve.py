@@ -8,38 +8,31 @@ Needs the `serve` extra (pip install -e '.[serve]'). It listens on 127.0.0.1 unl
 there is no authentication, so expose it only behind something that adds it.
 """
 
-import argparse
 
+from nanopipe import cli
 from nanopipe.checkpoint import load_model
 from nanopipe.common import UserError, autodetect_device, autodetect_dtype
 from nanopipe.stage import Stage
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scripts.chat_serve", description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog="python -m scripts.chat_serve", description=__doc__.split("\n")[0])
     p.add_argument("-i", "--source", choices=["sft", "base"], default="sft")
-    p.add_argument("-g", "--model-tag", default=None)
-    p.add_argument("--step", type=int, default=None)
+    p.add_argument("-g", "--model-tag", type=cli.name, default=None)
+    p.add_argument("--step", type=cli.integer(0), default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 503")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="the most tokens one reply may have")
-    p.add_argument("-t", "--temperature", type=float, default=0.6, help="when a request gives none")
-    p.add_argument("-k", "--top-k", type=int, default=50, help="when a request gives none")
+    p.add_argument("--port", type=cli.integer(1, 65535), default=8000)
+    p.add_argument("--max-queue", type=cli.integer(1), default=16, help="requests that may wait; more get 503")
+    p.add_argument("--max-new-tokens", type=cli.integer(1), default=512, help="the most tokens one reply may have")
+    p.add_argument("-t", "--temperature", type=cli.nonnegative(), default=0.6, help="when a request gives none")
+    p.add_argument("-k", "--top-k", type=cli.integer(1), default=50, help="when a request gives none")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     with Stage("chat_serve", args, report=False):
-        if not 0 < args.port < 65536:
-            raise UserError(f"--port {args.port} is not a TCP port (1-65535)")
-        for flag in ("max_queue", "max_new_tokens", "top_k"):
-            if getattr(args, flag) < 1:
-                raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-        if args.temperature < 0:
-            raise UserError(f"--temperature must be >= 0, got {args.temperature}")
         try:
             import fastapi  # noqa: F401
             import uvicorn

@@ -19,7 +19,7 @@ import torch
 from nanopipe import dataset, report
 from nanopipe.common import get_base_dir
 from nanopipe.tokenizer import Tokenizer
-from scripts import base_eval, base_train, chat_cli, chat_eval, chat_sft, export, tok_eval, tok_train
+from scripts import base_eval, base_train, chat_cli, chat_eval, chat_serve, chat_sft, export, tok_eval, tok_train
 from tests.conftest import subprocess_env
 
 TINY_BASE = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
@@ -86,7 +86,8 @@ def refuse(main, argv, culprit, root, capsys):
 
 MAINS = {"base_train": base_train.main, "chat_sft": chat_sft.main, "chat_eval": chat_eval.main,
          "chat_cli": chat_cli.main, "base_eval": base_eval.main, "tok_train": tok_train.main,
-         "tok_eval": tok_eval.main, "dataset": dataset.main, "report": report.main, "export": export.main}
+         "tok_eval": tok_eval.main, "dataset": dataset.main, "report": report.main, "export": export.main,
+         "chat_serve": chat_serve.main}
 
 # (stage, argv, the text the error line must contain)
 FLAGS = [
@@ -158,6 +159,9 @@ FLAGS = [
     ("report", ["generate", "--dollars-per-hour", "-5"], "--dollars-per-hour"),
     ("report", ["generate", "--dollars-per-hour", "nan"], "--dollars-per-hour"),
     ("export", ["--out", "exported", "--step", "-1"], "--step"),
+    ("chat_serve", ["--port", "70000"], "--port"),
+    ("chat_serve", ["--max-queue", "0"], "--max-queue"),
+    ("chat_serve", ["-t", "inf"], "--temperature"),
 ]
 
 
@@ -174,7 +178,8 @@ TAGS = ["../../x", "../x", "/tmp/x", "", "a/b", ".."]
 
 
 @pytest.mark.parametrize("tag", TAGS)
-@pytest.mark.parametrize("stage", ["base_train", "chat_sft", "base_eval", "chat_eval", "chat_cli", "export"])
+@pytest.mark.parametrize("stage", ["base_train", "chat_sft", "base_eval", "chat_eval", "chat_cli", "export",
+                                   "chat_serve"])
 def test_tags_never_leave_the_base_dir(base, capsys, stage, tag):
     extra = {"base_train": TINY_BASE, "chat_sft": TINY_SFT, "export": ["--out", "exported"]}.get(stage, [])
     refuse(MAINS[stage], [*extra, "--model-tag", tag], "--model-tag", base.parent, capsys)
