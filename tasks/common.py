@@ -56,9 +56,10 @@ class Task:
 
     def validate(self):
         """Check every example before training or scoring starts; a bad one is a UserError naming where it is."""
-        for index, example in enumerate(self):
-            try:
-                self.check_example(example)
+        examples = iter(self)
+        for index in range(len(self)):
+            try:  # building the example (a row of the wrong type) fails as often as checking it
+                self.check_example(next(examples))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 problem = f"no field {e}" if isinstance(e, KeyError) else str(e)
                 raise UserError(f"{self.where(index)}: malformed {self.name} example ({problem}): fix the file, "

@@ -352,11 +352,15 @@ def test_bad_chat_eval_item_is_found_before_scoring(base, capsys, stem, row, pro
     assert problem in message
 
 
-def test_chat_data_parquet_without_the_columns_a_task_reads(base, capsys):
+@pytest.mark.parametrize("table,culprit", [
+    (pa.table({"x": [1, 2]}), "has no column question, answer"),
+    (pa.table({"question": ["q", "r"], "answer": [4, 7]}), "test-00000-of-00001.parquet row 0: malformed GSM8K"),
+], ids=["no-columns", "int-answer"])
+def test_bad_chat_data_parquet(base, capsys, table, culprit):
     path = base / "chat_data" / "gsm8k" / "main" / "test-00000-of-00001.parquet"
     path.parent.mkdir(parents=True)
-    pq.write_table(pa.table({"x": [1, 2]}), path)
-    refuse(chat_eval.main, ["-a", "GSM8K", "--device", "cpu"], "has no column question, answer", base.parent, capsys)
+    pq.write_table(table, path)
+    refuse(chat_eval.main, ["-a", "GSM8K", "--device", "cpu"], culprit, base.parent, capsys)
 
 
 # --- chat input
