@@ -12,9 +12,11 @@ The block and its initialisation are upstream nanochat's (2026-07 recipe):
 - untied lm_head, logits softcapped at 15 and returned in float32
 
 Weights are kept in fp32 (the optimizer's master copy); on CUDA the training loop runs the forward under
-bf16 autocast. Attention is full causal everywhere: PyTorch SDPA has no fast sliding-window path (a dense
-window mask is no faster on CPU, FlexAttention has no CPU backward: bench/bench_attention.py).
-On CPU, losses are computed by a chunked head (no (B*T, V) logits tensor), which about halves a step's time.
+bf16 autocast, and the activations stay bf16 where nanochat's do: the residual stream, q/k/v (RMSNorm and
+the embeddings would otherwise hand autocast fp32 back) and the KV cache. Attention is full causal
+everywhere: PyTorch SDPA has no fast sliding-window path (a dense window mask is no faster on CPU,
+FlexAttention has no CPU backward: bench/bench_attention.py). Losses come from a chunked head on every device
+(`softcap_cross_entropy`): the (B*T, V) logits tensor never exists, in fp32 or otherwise.
 """
 
 import math
@@ -63,8 +65,35 @@ def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
     return math.ceil(vocab_size / multiple) * multiple
 
 
+class _LowPrecisionRMSNorm(torch.autograd.Function):
+    """RMSNorm of a bf16/fp16 x, computed in fp32, returned in x's dtype, saving x itself (not an fp32 copy of it,
+    which is what F.rms_norm's decomposition keeps for its backward) and the fp32 1/rms per row."""
+
+    @staticmethod
+    def forward(ctx, x):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+        ctx.save_for_backward(x, rstd)
+        return (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, rstd = ctx.saved_tensors
+        y, g = x.float() * rstd, grad.float()
+        return (rstd * (g - y * (g * y).mean(-1, keepdim=True))).to(x.dtype)
+
+
 def norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm (no weight) in x's dtype. Under autocast F.rms_norm would upcast a bf16 x and return fp32, and in
+    any case keeps an fp32 copy of x for its backward; bf16 activations take the function above instead."""
+    if x.dtype in (torch.bfloat16, torch.float16):
+        return _LowPrecisionRMSNorm.apply(x)
     return F.rms_norm(x, (x.size(-1),))
+
+
+def compute_dtype(device_type: str) -> torch.dtype | None:
+    """The activation dtype autocast runs the matmuls in (None outside autocast)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def has_value_embedding(layer_idx: int, n_layer: int) -> bool:
@@ -161,7 +190,7 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:
             # gate in (0, 3), about 1.5 at init (ve_gate starts small and positive)
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -170,8 +199,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             past = kv_cache.pos
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-            k, v = k.to(q.dtype), v.to(q.dtype)
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # the cache is in q's dtype (the engine's choice)
             if past == 0:  # prefill from an empty cache: plain causal attention
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
             elif T == 1:  # one new token sees everything cached
@@ -190,7 +218,8 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        h = F.relu(self.c_fc(x))
+        return self.c_proj(h * h)  # not square(): autocast runs pow in fp32, and this keeps bf16
 
 
 class Block(nn.Module):
@@ -272,7 +301,11 @@ class GPT(nn.Module):
         if start + T > self.rotary_len:
             raise ValueError(f"sequence of {start + T} positions is longer than the rotary table ({self.rotary_len})")
         cos, sin = self.cos[:, start:start + T], self.sin[:, start:start + T]
-        x = self.smear(norm(self.transformer.wte(idx)), kv_cache)
+        x = self.transformer.wte(idx)
+        dtype = compute_dtype(idx.device.type)
+        if dtype is not None:  # embeddings are fp32 lookups: the stream runs in autocast's dtype from here on
+            x = x.to(dtype)
+        x = self.smear(norm(x), kv_cache)
         x0 = x
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
@@ -283,11 +316,8 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = norm(x - self.backout_lambda.to(x.dtype) * x_mid)
-        # CPU training/eval losses take the chunked path (see _ChunkedSoftcapCrossEntropy); per-token losses that
-        # need gradients, and anything being compiled, take the plain one
-        chunked = x.device.type == "cpu" and not torch.compiler.is_compiling() and (
-            loss_reduction != "none" or not torch.is_grad_enabled())
-        if targets is not None and chunked:
+        # losses take the chunked head; only per-token losses that need gradients take the full logits
+        if targets is not None and (loss_reduction != "none" or not torch.is_grad_enabled()):
             return chunked_head_loss(x, self.lm_head.weight, targets, self.config.vocab_size, loss_reduction)
         logits = self.lm_head(x)
         if logits.size(-1) != self.config.vocab_size:
@@ -361,73 +391,89 @@ def cross_entropy(logits, targets, reduction="mean"):
     raise ValueError(f"unknown loss_reduction {reduction!r}: use mean, sum or none")
 
 
-class _ChunkedSoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token CE of softcap(x @ Wᵀ), computed a chunk of rows at a time; the gradients of a plain sum over
-    the tokens are produced during the forward pass, while each chunk's logits are at hand.
+def _softcap_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                          chunk_rows: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token CE of softcap(x @ weight[:vocab]ᵀ) for x (N, C), a chunk of rows at a time.
 
-    On CPU the (B*T, V) logits tensor and its ~15 elementwise passes (softcap, log-softmax and their
-    backwards, autograd's saved copies) cost about as much as all the matmuls; here each chunk takes ~6 passes
-    and the full tensor is never materialised. Softcapped logits lie in [-15, 15], so exp() needs no
-    max-subtraction.
+    Returns (losses (N,) fp32, grad_x, grad_w): the gradients of the plain sum of the losses, produced during the
+    forward pass while each chunk's logits are at hand (empty when not compute_grad). Only one chunk of fp32
+    logits ever exists; the matmuls run in x's dtype (bf16 under CUDA autocast) and everything after them in
+    fp32. A custom op, so torch.compile keeps the model in one graph and calls this as one opaque kernel.
+    Softcapped logits lie in [-15, 15], so exp() needs no max-subtraction. The loop uses no data-dependent
+    op (no host sync on CUDA) and no Python indexing, so it also runs on fake tensors (memory estimates).
     """
+    w = weight.narrow(0, 0, vocab_size).to(x.dtype)
+    n = x.size(0)
+    losses = torch.empty(n, dtype=torch.float32, device=x.device)
+    grad_x = torch.empty_like(x) if compute_grad else x.new_empty(0)
+    grad_w = torch.zeros_like(weight) if compute_grad else weight.new_empty(0)
+    for start in range(0, n, chunk_rows):
+        rows = min(chunk_rows, n - start)
+        xs, ts = x.narrow(0, start, rows), targets.narrow(0, start, rows)
+        valid = ts != -1
+        safe = ts.clamp(min=0).unsqueeze(1)
+        t = (xs @ w.t()).float().mul_(1 / LOGIT_SOFTCAP).tanh_()    # softcap(z) = 15 t
+        e = t.mul(LOGIT_SOFTCAP).exp_()
+        total = e.sum(dim=-1)
+        picked = t.gather(1, safe).squeeze(1) * LOGIT_SOFTCAP
+        losses.narrow(0, start, rows).copy_(torch.where(valid, total.log() - picked, 0.0))
+        if compute_grad:
+            g = e.mul_((valid / total).unsqueeze(1))                # softmax, zero on ignored rows
+            g.scatter_add_(1, safe, -valid.unsqueeze(1).to(g.dtype))  # minus the one-hot target
+            g.addcmul_(g, t.square_(), value=-1.0)                # through the softcap: * (1 - t²)
+            g = g.to(x.dtype)
+            grad_x.narrow(0, start, rows).copy_(g @ w)
+            grad_w.narrow(0, 0, vocab_size).add_(g.t() @ xs)
+    return losses, grad_x, grad_w
 
-    @staticmethod
-    def forward(ctx, x, weight, targets, vocab_size, chunk_rows, compute_grad):
-        w = weight[:vocab_size]
-        losses = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-        grad_x = torch.empty_like(x) if compute_grad else None
-        grad_w = torch.zeros_like(weight) if compute_grad else None
-        for start in range(0, x.size(0), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            xs, ts = x[rows], targets[rows]
-            valid = ts != -1
-            safe = ts.clamp(min=0)
-            t = (xs @ w.t()).float().mul_(1 / LOGIT_SOFTCAP).tanh_()    # softcap(z) = 15 t
-            e = t.mul(LOGIT_SOFTCAP).exp_()
-            total = e.sum(dim=-1)
-            picked = t.gather(1, safe[:, None]).squeeze(1) * LOGIT_SOFTCAP
-            losses[rows] = torch.where(valid, total.log() - picked, 0.0)
-            if compute_grad:
-                g = e.mul_((valid / total)[:, None])                   # softmax, zero on ignored rows
-                g[valid.nonzero().squeeze(1), safe[valid]] -= 1.0
-                g.addcmul_(g, t.square_(), value=-1.0)                # through the softcap: * (1 - t²)
-                g = g.to(x.dtype)
-                grad_x[rows] = g @ w
-                grad_w[:vocab_size].addmm_(g.t(), xs)
-        ctx.save_for_backward(grad_x, grad_w)
-        return losses
 
-    @staticmethod
-    def backward(ctx, grad_losses):
-        grad_x, grad_w = ctx.saved_tensors
-        if grad_x is None:
-            raise RuntimeError("chunked_head_loss was called without compute_grad")
-        # the precomputed gradients are those of a plain sum over the tokens: only a uniform upstream
-        # gradient (a sum or mean of the losses) can be applied to them
-        scale = grad_losses[0]
-        if not (grad_losses == scale).all():
-            raise RuntimeError("chunked_head_loss supports only a sum or mean of its per-token losses")
-        return grad_x * scale, grad_w * scale, None, None, None, None
+softcap_cross_entropy = torch.library.custom_op("nanopipe::softcap_cross_entropy", mutates_args=())(
+    _softcap_cross_entropy)
+# the same code runs on fake/meta tensors: shapes are all it needs, and a memory trace sees its temporaries
+softcap_cross_entropy.register_fake(_softcap_cross_entropy)
+
+
+def _softcap_ce_setup(ctx, inputs, output):
+    _, grad_x, grad_w = output
+    ctx.save_for_backward(grad_x, grad_w)
+
+
+def _softcap_ce_backward(ctx, grad_losses, grad_grad_x, grad_grad_w):
+    # the precomputed gradients are those of the plain sum over tokens; chunked_head_loss only ever uses the
+    # losses through their sum, so the upstream gradient is the same scalar on every token
+    grad_x, grad_w = ctx.saved_tensors
+    scale = grad_losses.narrow(0, 0, 1)
+    return grad_x * scale, grad_w * scale, None, None, None, None
+
+
+softcap_cross_entropy.register_autograd(_softcap_ce_backward, setup_context=_softcap_ce_setup)
+
+
+def default_chunk_rows(vocab_size: int, device_type: str) -> int:
+    """Rows per chunk: 64 MB of fp32 logits on CPU, 256 MB on a GPU.
+
+    CPU: small enough to avoid the full tensor's allocation and page faults, large enough that per-op threading
+    overhead stays small on a busy machine (measured: 64 rows is 1.7x slower than 512 at 2 threads under load).
+    GPU: few enough chunks that launching them costs far less than computing them.
+    """
+    budget = 2**26 if device_type == "cpu" else 2**28
+    return max(64, budget // (4 * vocab_size))
 
 
 def chunked_head_loss(x, weight, targets, vocab_size, reduction="mean", chunk_rows=None):
-    """Loss of the softcapped lm_head on x (B, T, C): same values as `cross_entropy` on the full logits."""
+    """Loss of the softcapped lm_head on x (B, T, C): the values of `cross_entropy` on the full logits."""
     flat_x, flat_t = x.reshape(-1, x.size(-1)), targets.reshape(-1)
-    # default: 64 MB of fp32 logits per chunk, small enough to avoid the full tensor's allocation and page
-    # faults, large enough that per-op threading overhead stays small on a busy machine (measured: 64 rows is
-    # 1.7x slower than 512 at 2 threads under load, and no faster on 1 thread)
-    chunk_rows = chunk_rows or max(64, 2**24 // vocab_size)
+    chunk_rows = chunk_rows or default_chunk_rows(vocab_size, x.device.type)
     compute_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if compute_grad and reduction == "none":
         raise ValueError("loss_reduction='none' with gradients: use the logits path (targets=None)")
-    losses = _ChunkedSoftcapCrossEntropy.apply(flat_x, weight, flat_t, vocab_size, chunk_rows, compute_grad)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown loss_reduction {reduction!r}: use mean, sum or none")
+    losses, _, _ = softcap_cross_entropy(flat_x, weight, flat_t, vocab_size, chunk_rows, compute_grad)
     if reduction == "none":
         return losses.view(targets.shape)
-    if reduction == "sum":
-        return losses.sum()
-    if reduction == "mean":
-        return losses.sum() / (flat_t != -1).sum().clamp(min=1)
-    raise ValueError(f"unknown loss_reduction {reduction!r}: use mean, sum or none")
+    total = losses.sum()
+    return total if reduction == "sum" else total / (flat_t != -1).sum().clamp(min=1)
 
 
 def build_model(config: GPTConfig, device) -> GPT:

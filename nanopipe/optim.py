@@ -41,88 +41,113 @@ def orthogonalize(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return X.mT if tall else X
 
 
+def muon_update(params, grads, bufs, seconds, lr, momentum, beta2, weight_decay, ns_steps: int):
+    """One Muon update of same-shape matrices, in place; the hyperparameters are 0-d tensors, so a compiled
+    version of this function serves every LR, momentum and weight decay without recompiling."""
+    rows, cols = params[0].shape
+    # NorMuon keeps one second-moment value per row (tall/square) or per column (wide) of the update
+    reduce_dim = -1 if rows >= cols else -2
+    grads = torch.stack([g.float() for g in grads])
+    buf = torch.stack(bufs)
+    second = torch.stack(seconds)
+
+    # Nesterov momentum: update the buffer, then look ahead along it
+    buf.lerp_(grads, 1 - momentum)
+    update = grads.lerp_(buf, momentum)
+    # MuonEq: give every row the mean row norm first, so no single output unit dominates the polar factor
+    row_norms = update.norm(dim=-1, keepdim=True)
+    target = update.norm(dim=(-2, -1), keepdim=True) / rows ** 0.5
+    update = update * (target / row_norms.clamp_min(1e-6))
+    update = orthogonalize(update, ns_steps).float()
+    # Muon+: Polar Express only approximates the polar factor; restore the exact one's norm sqrt(min(m, n))
+    update = update * (min(rows, cols) ** 0.5 / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+
+    # NorMuon: normalise rows (or columns) by their running RMS, then restore the overall norm
+    v_mean = update.square().mean(dim=reduce_dim, keepdim=True)
+    reduced = update.size(reduce_dim)
+    norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * reduced).sqrt()
+    second.lerp_(v_mean, 1 - beta2)
+    step_size = second.clamp_min(1e-10).rsqrt()
+    norm_after = (v_mean * reduced * step_size.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    update = update * step_size * (norm_before / norm_after.clamp_min(1e-10))
+
+    # shape-aware LR: an orthogonal update of a tall matrix has smaller entries, compensate by sqrt(rows/cols)
+    lr = lr * max(1.0, rows / cols) ** 0.5
+    weights = torch.stack([p.float() for p in params])
+    # cautious weight decay: only decay coordinates where the update also pulls the weight towards 0
+    decay = (update * weights >= 0).to(weights.dtype)
+    weights.sub_(lr * update + (lr * weight_decay) * weights * decay)
+
+    for i, p in enumerate(params):
+        p.copy_(weights[i])
+        bufs[i].copy_(buf[i])
+        seconds[i].copy_(second[i])
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton–Schulz/Polar Express, for 2-D weight matrices only.
 
     Per group: lr, momentum (Nesterov), beta2 (NorMuon second moment), weight_decay (cautious), ns_steps.
-    Parameters of the same shape are updated as one stacked batch.
+    Parameters of the same shape are updated as one stacked batch. `compile=True` runs the update through
+    torch.compile (one fused graph per shape instead of hundreds of small kernels); the schedule's values
+    reach it as device tensors, so changing them never recompiles.
     """
 
-    def __init__(self, params, lr=0.02, momentum=0.95, beta2=0.9, weight_decay=0.0, ns_steps=5):
+    HYPER = ("lr", "momentum", "beta2", "weight_decay")
+
+    def __init__(self, params, lr=0.02, momentum=0.95, beta2=0.9, weight_decay=0.0, ns_steps=5, compile=False):
         defaults = dict(lr=lr, momentum=momentum, beta2=beta2, weight_decay=weight_decay, ns_steps=ns_steps)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"Muon only takes 2-D parameters, got shape {tuple(p.shape)}")
+        self._update_fn = torch.compile(muon_update, dynamic=False, fullgraph=True) if compile else muon_update
+        self._hyper = {}  # (group index) -> 0-d tensors on the group's device, refilled every step
 
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             by_shape = {}
             for p in group["params"]:
                 if p.grad is not None:
                     by_shape.setdefault(p.shape, []).append(p)
+            if not by_shape:
+                continue
+            hyper = self._hyper_tensors(index, group)
             for params in by_shape.values():
-                self._update(params, group)
+                self._update(params, group, hyper)
 
-    def _update(self, params, group):
+    def _hyper_tensors(self, index, group):
+        device = group["params"][0].device
+        tensors = self._hyper.get(index)
+        if tensors is None or tensors[0].device != device:
+            tensors = self._hyper[index] = [torch.zeros((), dtype=torch.float32, device=device) for _ in self.HYPER]
+        for t, name in zip(tensors, self.HYPER):
+            t.fill_(group[name])  # a tiny kernel, no host sync
+        return tensors
+
+    def _update(self, params, group, hyper):
         rows, cols = params[0].shape
-        # NorMuon keeps one second-moment value per row (tall/square) or per column (wide) of the update
-        reduce_dim = -1 if rows >= cols else -2
         for p in params:
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                stat_shape = (rows, 1) if reduce_dim == -1 else (1, cols)
+                stat_shape = (rows, 1) if rows >= cols else (1, cols)
                 state["second_momentum_buffer"] = torch.zeros(stat_shape, dtype=torch.float32, device=p.device)
-        momentum, beta2 = group["momentum"], group["beta2"]
-        grads = torch.stack([p.grad.float() for p in params])
-        bufs = torch.stack([self.state[p]["momentum_buffer"] for p in params])
-        second = torch.stack([self.state[p]["second_momentum_buffer"] for p in params])
-
-        # Nesterov momentum: update the buffer, then look ahead along it
-        bufs.lerp_(grads, 1 - momentum)
-        update = grads.lerp_(bufs, momentum)
-        # MuonEq: give every row the mean row norm first, so no single output unit dominates the polar factor
-        row_norms = update.norm(dim=-1, keepdim=True)
-        target = update.norm(dim=(-2, -1), keepdim=True) / rows ** 0.5
-        update = update * (target / row_norms.clamp_min(1e-6))
-        update = orthogonalize(update, group["ns_steps"]).float()
-        # Muon+: Polar Express only approximates the polar factor; restore the exact one's norm sqrt(min(m, n))
-        update = update * (min(rows, cols) ** 0.5 / update.norm(dim=(-2, -1), keepdim=True).clamp_min(1e-10))
-
-        # NorMuon: normalise rows (or columns) by their running RMS, then restore the overall norm
-        v_mean = update.square().mean(dim=reduce_dim, keepdim=True)
-        reduced = update.size(reduce_dim)
-        norm_before = (v_mean.sum(dim=(-2, -1), keepdim=True) * reduced).sqrt()
-        second.lerp_(v_mean, 1 - beta2)
-        step_size = second.clamp_min(1e-10).rsqrt()
-        norm_after = (v_mean * reduced * step_size.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
-        update = update * step_size * (norm_before / norm_after.clamp_min(1e-10))
-
-        # shape-aware LR: an orthogonal update of a tall matrix has smaller entries, compensate by sqrt(rows/cols)
-        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
-        wd = group["weight_decay"]
-        weights = torch.stack([p.float() for p in params])
-        # cautious weight decay: only decay coordinates where the update also pulls the weight towards 0
-        decay = (update * weights >= 0).to(weights.dtype)
-        weights.sub_(lr * update + (lr * wd) * weights * decay)
-
-        for i, p in enumerate(params):
-            p.copy_(weights[i])
-            self.state[p]["momentum_buffer"].copy_(bufs[i])
-            self.state[p]["second_momentum_buffer"].copy_(second[i])
+        self._update_fn(params, [p.grad for p in params], [self.state[p]["momentum_buffer"] for p in params],
+                        [self.state[p]["second_momentum_buffer"] for p in params], *hyper, group["ns_steps"])
 
 
 def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5,
-                     weight_decay=0.0, muon_momentum=0.95) -> list[torch.optim.Optimizer]:
+                     weight_decay=0.0, muon_momentum=0.95, compile=False) -> list[torch.optim.Optimizer]:
     """[AdamW, Muon] over the model's parameters, grouped as upstream nanochat does.
 
     AdamW LRs of the embedding/head matrices scale with 1/sqrt(d_model / 768) (a wider model needs smaller
     steps per coordinate); Muon's update is already normalised, and the scalars are width-independent.
     `weight_decay` is Muon's (scheduled by the training loop); the AdamW groups carry their own constants.
+    `compile` compiles Muon's update (see Muon).
     """
     model_dim = model.config.n_embd
     scale = (model_dim / 768) ** -0.5
@@ -148,7 +173,7 @@ def setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.0
     # one Muon group per shape, so each group's params stack into one batched orthogonalisation
     shapes = sorted({tuple(p.shape) for p in matrices})
     muon = Muon([dict(params=[p for p in matrices if tuple(p.shape) == s]) for s in shapes],
-                lr=matrix_lr, momentum=muon_momentum, weight_decay=weight_decay)
+                lr=matrix_lr, momentum=muon_momentum, weight_decay=weight_decay, compile=compile)
     optimizers = [adamw, muon]
     for opt in optimizers:
         for group in opt.param_groups:

@@ -10,27 +10,29 @@ per step) and the base_train report section.
 """
 
 import contextlib
+import json
 import math
+import os
+import sys
 import time
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from nanopipe import cli
 from nanopipe.checkpoint import checkpoint_root, rng_state, save_checkpoint, update_meta
-from nanopipe.common import (UserError, autocast, autodetect_device, autodetect_dtype, cleanup_distributed,
-                             format_duration, get_base_dir, init_distributed, peak_flops, print0, seed_everything)
+from nanopipe.common import (DistInfo, UserError, autocast, autodetect_device, cleanup_distributed, format_duration,
+                             get_base_dir, get_dist_info, init_distributed, peak_flops, print0, seed_everything)
 from nanopipe.dataloader import PretrainLoader
 from nanopipe.dataset import default_data_name, get_eval_bundle_dir
 from nanopipe.engine import SAMPLE_PROMPTS, greedy_samples
 from nanopipe.gpt import GPT, build_model, config_from_depth
 from nanopipe.loss_eval import evaluate_bpb
+from nanopipe.memory import FITS_FRACTION, GIB, predict_peaks
 from nanopipe.optim import setup_optimizers
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import get_tokenizer
+from nanopipe.train_step import Prefetcher, StepClock, StepProgress, TrainStep, training_dtype, wrap_model
 from nanopipe.training import MetricLog, check_finite, peak_memory_mb, read_log, resume_training, series_from_log
 
 # the reference point of every depth-derived hyperparameter: d12 (width 768) trained at ratio 12 (upstream's
@@ -67,7 +69,8 @@ def parse_args(argv=None):
                    help="training FLOPs budget (-1: from the ratio)")
     g.add_argument("--target-param-data-ratio", type=cli.positive(), default=REFERENCE_RATIO,
                    help="tokens = ratio * scaling params")
-    g.add_argument("--device-batch-size", type=cli.integer(1), default=32, help="rows per micro-batch per process")
+    g.add_argument("--device-batch-size", type=batch_size_arg, default=32,
+                   help="rows per micro-batch per process, or 'auto': the largest that fits the GPU's memory")
     g.add_argument("--total-batch-size", type=cli.integer(1, allow=cli.AUTO), default=-1,
                    help="tokens per step (-1: Power Lines auto)")
     g = p.add_argument_group("optimization")
@@ -106,9 +109,13 @@ def parse_args(argv=None):
                    help="dataset name under <base>/data (default $NANOPIPE_DATA or fineweb-edu)")
     g.add_argument("--seed", type=cli.seed, default=42)
     g.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the training model (CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training model and Muon's update")
     g.add_argument("--resume", action="store_true", help="continue from the tag's last checkpoint if there is one")
-    g.add_argument("--dry-run", action="store_true", help="print the plan and a measured ETA, then exit")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan, the predicted peak GPU memory and a measured ETA, then exit")
+    g.add_argument("--json", action="store_true", help="with --dry-run: the plan as one JSON object on stdout")
+    g.add_argument("--gpu-memory-gb", type=cli.positive(), default=None,
+                   help="GPU memory to plan for (default: the GPU's own), e.g. for a GPU this machine lacks")
     args = p.parse_args(argv)
     check_args(p, args)
     return args
@@ -127,6 +134,11 @@ def check_args(parser, args):
                      "the two phases must fit in one run")
 
 
+def batch_size_arg(text: str):
+    """A number of rows (>= 1) or 'auto'."""
+    return "auto" if text == "auto" else cli.integer(1)(text)
+
+
 # ---------------------------------------------------------------------------------------------
 # the plan: everything derived from --depth
 
@@ -140,8 +152,10 @@ def valid_device_batch_sizes(total_batch: int, seq_len: int, world: int) -> list
     return [b for b in range(1, total_batch // per_row + 1) if total_batch % (b * per_row) == 0]
 
 
-def make_plan(args, config, world_size: int) -> dict:
-    """Batch size, steps, LR scale and weight decay for this depth, derived as nanochat's base_train does."""
+def make_plan(args, config, world_size: int, device_batch_size: int | None = None) -> dict:
+    """Batch size, steps, LR scale and weight decay for this depth, derived as nanochat's base_train does.
+    `device_batch_size` (default: the flag's) only sets the gradient accumulation."""
+    device_batch_size = device_batch_size or args.device_batch_size
     scaling_params = scaling_params_of(config)
     reference = config_from_depth(REFERENCE_DEPTH, config.vocab_size, config.sequence_len)
     d_ref = REFERENCE_RATIO * scaling_params_of(reference)
@@ -150,11 +164,11 @@ def make_plan(args, config, world_size: int) -> dict:
         total_batch = args.total_batch_size
     else:  # Power Lines: the optimal batch grows as D^0.383
         total_batch = 2 ** round(math.log2(REFERENCE_BATCH * (target_tokens / d_ref) ** 0.383))
-    tokens_per_micro = args.device_batch_size * config.sequence_len * world_size
+    tokens_per_micro = device_batch_size * config.sequence_len * world_size
     if total_batch % tokens_per_micro:
         sizes = valid_device_batch_sizes(total_batch, config.sequence_len, world_size)
         raise UserError(f"total batch {total_batch:,} tokens is not a multiple of --device-batch-size "
-                        f"{args.device_batch_size} x seq {config.sequence_len} x {world_size} rank(s) = "
+                        f"{device_batch_size} x seq {config.sequence_len} x {world_size} rank(s) = "
                         f"{tokens_per_micro:,}: use --device-batch-size in {sizes or 'none'} "
                         f"or a --total-batch-size that is a multiple of {tokens_per_micro:,}")
     with torch.device("meta"):
@@ -231,80 +245,85 @@ def apply_schedules(optimizers, it, num_iterations, args, weight_decay):
 def main(argv=None):
     args = parse_args(argv)
     with Stage("base_train", args) as stage:
-        train(args, stage)
+        if args.dry_run:
+            dry_run(args)
+        else:
+            train(args, stage)
+
+
+def load_tokenizer(args):
+    """(tokenizer, vocab size); a dry run without a tokenizer yet plans with nanochat's 32,768."""
+    try:
+        tokenizer = get_tokenizer()
+        return tokenizer, tokenizer.vocab_size
+    except UserError:
+        if not args.dry_run:
+            raise
+        print0("no tokenizer yet: planning with the default vocabulary of 32,768")
+        return None, 32768
+
+
+def describe(config, plan, model_counts, num_params, batch, world, device, dtype):
+    N, total_batch = plan["num_iterations"], plan["total_batch_size"]
+    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads of {config.head_dim}, "
+           f"seq {config.sequence_len}, vocab {config.vocab_size:,}")
+    print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in model_counts.items())
+           + f"; total {num_params:,}, scaling {plan['scaling_params']:,}")
+    print0(f"plan: {N:,} steps x {total_batch:,} tokens = {plan['tokens']:,} tokens "
+           f"(ratio {plan['tokens'] / plan['scaling_params']:.1f}), {plan['flops_per_token']:.3e} FLOPs/token, "
+           f"{plan['total_flops']:.3e} FLOPs; grad accum {plan['grad_accum']} x {batch} rows x {world} rank(s); "
+           f"LR x{plan['lr_scale']:.3f}, Muon wd {plan['weight_decay']:.4f}; device {device}, {dtype}")
 
 
 def train(args, stage):
     device = autodetect_device(args.device)
     info = init_distributed(device)
-    rank, world = info.rank, info.world_size
-    master = rank == 0
-    dtype = autodetect_dtype(device)
+    rank, world, master = info.rank, info.world_size, info.rank == 0
+    dtype = training_dtype(device)
     amp = autocast(device, dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     seed_everything(args.seed)
-
-    try:
-        tokenizer = get_tokenizer()
-        vocab_size = tokenizer.vocab_size
-    except UserError:
-        if not args.dry_run:
-            raise
-        tokenizer, vocab_size = None, 32768  # a plan needs only the vocabulary size
-        print0(f"no tokenizer yet: planning with the default vocabulary of {vocab_size:,}")
+    tokenizer, vocab_size = load_tokenizer(args)
     data_name = default_data_name(args.data)
     config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim)
-    plan = make_plan(args, config, world)
+    batch = args.device_batch_size
+    if batch == "auto":
+        capacity = gpu_memory_bytes(args, device, fake=False)
+        if capacity is None:
+            raise UserError("--device-batch-size auto sizes the batch to a GPU's memory: use it on a CUDA GPU, "
+                            "or give a number of rows")
+        batch = fitting_batch_size(args, config, world, device, dtype, capacity)[0]
+        print0(f"--device-batch-size auto: {batch} rows fit the GPU's {capacity / GIB:.1f} GB")
+    plan = make_plan(args, config, world, batch)
     N, grad_accum, total_batch = plan["num_iterations"], plan["grad_accum"], plan["total_batch_size"]
     tag = args.model_tag or f"d{args.depth}"
     ckpt_dir = checkpoint_root("base") / tag
     peak = peak_flops(device)
-
     model = build_model(config, device)
-    counts = model.param_counts()
-    print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads of {config.head_dim}, "
-           f"seq {config.sequence_len}, vocab {config.vocab_size:,}")
-    print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items())
-           + f"; total {model.num_params():,}, scaling {plan['scaling_params']:,}")
-    print0(f"plan: {N:,} steps x {total_batch:,} tokens = {plan['tokens']:,} tokens "
-           f"(ratio {plan['tokens'] / plan['scaling_params']:.1f}), {plan['flops_per_token']:.3e} FLOPs/token, "
-           f"{plan['total_flops']:.3e} FLOPs; grad accum {grad_accum} x {args.device_batch_size} rows x {world} rank(s); "
-           f"LR x{plan['lr_scale']:.3f}, Muon wd {plan['weight_decay']:.4f}; device {device}, {dtype}")
-
-    lr_scale = plan["lr_scale"]
-    optimizers = setup_optimizers(model, matrix_lr=args.matrix_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
-                                  unembedding_lr=args.unembedding_lr * lr_scale, scalar_lr=args.scalar_lr * lr_scale,
-                                  weight_decay=plan["weight_decay"])
-    if args.dry_run:
-        dry_run(args, model, optimizers, plan, device, amp, sync, peak, world)
-        cleanup_distributed()
-        return
+    describe(config, plan, model.param_counts(), model.num_params(), batch, world, device, dtype)
+    optimizers = make_optimizers(model, args, plan)
 
     # resume: model, optimizers, loader position, RNG and loop state from the last checkpoint
     loop = {"smooth_loss": 0.0, "grad_norm_ema": 0.0, "train_seconds": 0.0, "timed_steps": 0, "val_bpb": None}
     start_step, loader_state = resume_training(ckpt_dir, args.resume, model, optimizers, loop, device, rank,
-                                               lambda meta: check_resumable(meta, config, plan, args, world))
-
+                                               lambda meta: check_resumable(meta, config, plan, batch, world))
     token_bytes = tokenizer.token_bytes().to(device)
     bundle_dir = get_eval_bundle_dir(data_name) if args.core_metric_every > 0 else None  # fail fast if missing
-    train_loader = PretrainLoader(tokenizer, data_name, "train", args.device_batch_size, config.sequence_len,
-                                  device, rank, world, state=loader_state)
-    eval_steps = max(1, args.eval_tokens // (args.device_batch_size * config.sequence_len * world))
+    train_loader = Prefetcher(PretrainLoader(tokenizer, data_name, "train", batch, config.sequence_len, device, rank,
+                                             world, state=loader_state), depth=2 * grad_accum)
+    eval_steps = max(1, args.eval_tokens // (batch * config.sequence_len * world))
 
     def val_bpb():
-        val_loader = PretrainLoader(tokenizer, data_name, "val", args.device_batch_size, config.sequence_len,
-                                    device, rank, world)
+        val_loader = PretrainLoader(tokenizer, data_name, "val", batch, config.sequence_len, device, rank, world)
         with amp:
             return evaluate_bpb(model, val_loader, eval_steps, token_bytes)
 
-    train_model = DDP(model, device_ids=[info.local_rank] if device == "cuda" else None) if info.is_ddp else model
-    if args.compile:
-        train_model = torch.compile(train_model, dynamic=False)
-
+    train_model = wrap_model(model, info, device, args.compile)
+    step_fn = TrainStep(model, train_model, optimizers, grad_accum, amp, args.grad_clip, info.is_ddp, world)
+    clock = StepClock(loop, total_batch, plan["flops_per_token"], peak, world)
     log = MetricLog(get_base_dir() / "logs" / f"{tag}.jsonl", start_step, args, tag, enabled=master,
                     checkpoint_dir=ckpt_dir)
     meta_common = {"user_config": vars(args), "plan": plan, "tag": tag, "data": data_name,
-                   "device_batch_size": args.device_batch_size, "max_seq_len": config.sequence_len}
+                   "device_batch_size": batch, "max_seq_len": config.sequence_len}
 
     def save(step, record):
         meta = dict(meta_common, loop_state=loop, val_bpb=loop["val_bpb"], log_record=record)
@@ -318,16 +337,19 @@ def train(args, stage):
 
     samples = []
     # a context manager, so the bar is closed before an error line is printed
-    with tqdm(total=N, initial=start_step, disable=not master, dynamic_ncols=True, desc="base_train") as bar:
+    with StepProgress(N, start_step, "base_train", master) as progress:
         saved_step = start_step or None  # the checkpoint a divergence falls back to
         for it in range(start_step, N):
             step = it + 1
-            sync()
-            t0 = time.perf_counter()
+            clock.start()
             lrm = apply_schedules(optimizers, it, N, args, plan["weight_decay"])
-            train_loss = accumulate_gradients(train_model, train_loader, grad_accum, amp, info.is_ddp)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       args.grad_clip if args.grad_clip > 0 else float("inf")).item()
+            try:
+                stats = step_fn.run(train_loader)
+            except torch.OutOfMemoryError:
+                if it > start_step:
+                    raise
+                raise UserError(out_of_memory_message(args, config, world, device, dtype, batch)) from None
+            train_loss, grad_norm = stats["loss"], stats["grad_norm"]
             if it == 0 and abs(train_loss - math.log(config.vocab_size)) > INITIAL_LOSS_TOLERANCE:
                 raise UserError(f"initial loss {train_loss:.3f} is far from ln(vocab) = {math.log(config.vocab_size):.3f}: "
                                 f"an init or data bug (check the tokenizer and dataset {data_name})")
@@ -335,28 +357,18 @@ def train(args, stage):
                          "--matrix-lr/--embedding-lr/--unembedding-lr")
             spike = it >= 10 and grad_norm > SPIKE_FACTOR * loop["grad_norm_ema"]
             skipped = spike and args.skip_spikes
+            step_fn.update(apply=not skipped)
             if not skipped:
-                for opt in optimizers:
-                    opt.step()
                 loop["grad_norm_ema"] = grad_norm if it == 0 else 0.9 * loop["grad_norm_ema"] + 0.1 * grad_norm
-            model.zero_grad(set_to_none=True)
-            sync()
-            dt = time.perf_counter() - t0
-
-            if it >= 1:  # the first step pays for compilation and warmup
-                loop["train_seconds"] += dt
-                loop["timed_steps"] += 1
+            timing = clock.stop()
             loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
-            smooth = loop["smooth_loss"] / (1 - 0.9 ** step)
-            tok_per_sec = total_batch / dt
-            mfu = 100 * plan["flops_per_token"] * tok_per_sec / (peak * world) if peak else None
-            record = {"step": step, "loss": train_loss, "lr": lrm * args.matrix_lr * lr_scale, "lrm": lrm, "dt": dt,
-                      "tok_per_sec": tok_per_sec, "mfu": mfu, "grad_norm": grad_norm}
+            record = {"step": step, "loss": train_loss, "lr": lrm * args.matrix_lr * plan["lr_scale"], "lrm": lrm,
+                      **timing, "grad_norm": grad_norm}
             if spike:
                 record["spike"] = True
                 record["skipped"] = skipped
-                print0(f"\nstep {step}: grad norm spike {grad_norm:.3g} (running mean {loop['grad_norm_ema']:.3g})"
-                       + ("; update skipped" if skipped else ""))
+                progress.note(f"step {step}: grad norm spike {grad_norm:.3g} (running mean "
+                              f"{loop['grad_norm_ema']:.3g})" + ("; update skipped" if skipped else ""))
 
             last = step == N
             if last or (args.save_every > 0 and step % args.save_every == 0):
@@ -365,19 +377,18 @@ def train(args, stage):
             if not last:
                 if args.eval_every > 0 and step % args.eval_every == 0:
                     loop["val_bpb"] = record["val_bpb"] = val_bpb()
+                    progress.note(f"step {step}: val bpb {record['val_bpb']:.4f}")
                 if args.core_metric_every > 0 and step % args.core_metric_every == 0:
                     record["core"] = core_metric(model, tokenizer, bundle_dir, device, args, amp)
+                    progress.note(f"step {step}: CORE {record['core']:.4f}")
                 if args.sample_every > 0 and step % args.sample_every == 0 and master:
                     samples = sample(model, tokenizer, amp)
             log.write(record)
-            mean_dt = loop["train_seconds"] / loop["timed_steps"] if loop["timed_steps"] else dt
-            postfix = f"loss {smooth:.4f} | {total_batch / mean_dt:,.0f} tok/s"
-            if mfu is not None:
-                postfix += f" | mfu {mfu:.1f}%"
-            if "val_bpb" in record:
-                postfix += f" | val bpb {record['val_bpb']:.4f}"
-            bar.set_postfix_str(postfix + f" | eta {format_duration(mean_dt * (N - step))}", refresh=False)
-            bar.update(1)
+            mean_dt = clock.mean_step_seconds(timing["dt"])
+            progress.step(step, {"loss": loop["smooth_loss"] / (1 - 0.9 ** step), "lr": lrm, "dt": timing["dt"],
+                                 "tok/s": total_batch / mean_dt, "mfu": clock.mfu(total_batch / mean_dt)},
+                          eta_seconds=mean_dt * (N - step))
+    train_loader.close()
 
     # final evals on the uncompiled model; the final checkpoint is already on disk
     final = {"step": N, "final": True}
@@ -397,26 +408,60 @@ def train(args, stage):
     cleanup_distributed()
 
 
-def accumulate_gradients(train_model, loader, grad_accum, amp, is_ddp) -> float:
-    """Forward/backward grad_accum micro-batches into .grad (the mean over all of them, over all ranks);
-    returns the mean loss over the whole batch."""
-    loss_sum = None
-    for micro in range(grad_accum):
-        x, y = next(loader)
-        # DDP all-reduces (averages) gradients on the last micro-batch only
-        no_sync = train_model.no_sync() if is_ddp and micro < grad_accum - 1 else contextlib.nullcontext()
-        with no_sync:
-            with amp:
-                loss = train_model(x, y)
-            (loss / grad_accum).backward()
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-    if is_ddp:
-        dist.all_reduce(loss_sum)  # gloo has no AVG: sum, then divide
-        loss_sum = loss_sum / dist.get_world_size()
-    return (loss_sum / grad_accum).item()
+def make_optimizers(model, args, plan):
+    lr_scale = plan["lr_scale"]
+    return setup_optimizers(model, matrix_lr=args.matrix_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
+                            unembedding_lr=args.unembedding_lr * lr_scale, scalar_lr=args.scalar_lr * lr_scale,
+                            weight_decay=plan["weight_decay"], compile=args.compile)
 
 
-def check_resumable(meta, config, plan, args, world):
+# ---------------------------------------------------------------------------------------------
+# memory: the traced peak of the planned step (nanopipe.memory), the batch that fits
+
+def gpu_memory_bytes(args, device: str, fake: bool) -> int | None:
+    """The GPU memory to plan for: --gpu-memory-gb, else the GPU's own (None without a GPU)."""
+    if args.gpu_memory_gb:
+        return int(args.gpu_memory_gb * GIB)
+    if device == "cuda" and not fake:
+        return torch.cuda.mem_get_info()[1]
+    return None
+
+
+def predicted_peak(args, config, world, device, dtype, batch: int) -> dict:
+    """The traced peak memory (one rank) of a step with this device batch."""
+    accum = make_plan(args, config, world, batch)["grad_accum"]
+    return predict_peaks(asdict(config), device, str(dtype).removeprefix("torch."), args.compile, [(batch, accum)])[0]
+
+
+def fitting_batch_size(args, config, world, device, dtype, capacity: int) -> tuple[int, dict]:
+    """The largest device batch that divides the total batch and whose traced peak fits FITS_FRACTION of the
+    GPU's memory (a binary search over the divisors, one trace per probe)."""
+    total = make_plan(args, config, world, 1)["total_batch_size"] if args.total_batch_size <= 0 \
+        else args.total_batch_size
+    sizes = valid_device_batch_sizes(total, config.sequence_len, world)
+    lo, hi, best = 0, len(sizes) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        trace = predicted_peak(args, config, world, device, dtype, sizes[mid])
+        if trace["peak_bytes"] <= FITS_FRACTION * capacity:
+            best, lo = (sizes[mid], trace), mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        raise UserError(f"not even --device-batch-size 1 fits {capacity / GIB:.1f} GB of GPU memory at depth "
+                        f"{config.n_layer}, seq {config.sequence_len}: lower --depth or --max-seq-len")
+    return best
+
+
+def out_of_memory_message(args, config, world, device, dtype, batch) -> str:
+    capacity = torch.cuda.mem_get_info()[1]
+    fit = fitting_batch_size(args, config, world, device, dtype, capacity)[0]
+    return (f"out of GPU memory in the first step with --device-batch-size {batch}: use --device-batch-size {fit} "
+            f"(predicted to fit this GPU's {capacity / GIB:.1f} GB; the total batch stays the same by accumulation) "
+            f"or --device-batch-size auto")
+
+
+def check_resumable(meta, config, plan, batch, world):
     """A resumed run must continue the same computation; say which flag differs when it cannot."""
     if meta["model_config"] != asdict(config):
         raise UserError(f"the checkpoint's model {meta['model_config']} differs from this one {asdict(config)}: "
@@ -429,7 +474,7 @@ def check_resumable(meta, config, plan, args, world):
         if saved[key] != plan[key]:
             raise UserError(f"the checkpoint was trained with {key} {saved[key]}, this run has {plan[key]}: "
                             f"resume with the same {flag}")
-    if meta["device_batch_size"] != args.device_batch_size:
+    if meta["device_batch_size"] != batch:
         raise UserError(f"the checkpoint used --device-batch-size {meta['device_batch_size']}: resume with the same")
 
 
@@ -449,41 +494,107 @@ def sample(model, tokenizer, amp) -> list[str]:
     return lines
 
 
-def dry_run(args, model, optimizers, plan, device, amp, sync, peak, world):
-    """Time a few micro-batches and one optimizer step on random tokens; print ETA and memory, write nothing."""
-    config = model.config
+def dry_run(args):
+    """The plan, the predicted (and on a GPU, measured) peak memory, tok/s and the ETA; writes nothing.
+    `--device cuda` on a machine without a GPU predicts from a trace on fake CUDA tensors."""
+    out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = plan_and_measure(args)
+    if args.json and get_dist_info().rank == 0:
+        print(json.dumps(result), file=out, flush=True)
+    cleanup_distributed()
+
+
+def plan_and_measure(args) -> dict:
+    choice = args.device or os.environ.get("NANOPIPE_DEVICE")
+    fake = choice == "cuda" and not torch.cuda.is_available()
+    device = "cuda" if fake else autodetect_device(args.device)
+    info = DistInfo() if fake else init_distributed(device)
+    world = info.world_size
+    dtype = training_dtype(device, bf16_supported=True if fake else None)
+    seed_everything(args.seed)
+    _, vocab_size = load_tokenizer(args)
+    config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim)
+    capacity = gpu_memory_bytes(args, device, fake)
+    batch, trace = args.device_batch_size, None
+    if batch == "auto":
+        if capacity is None:
+            raise UserError("--device-batch-size auto needs a GPU to size the batch to, or --gpu-memory-gb N "
+                            "(with --device cuda) for one this machine lacks")
+        batch, trace = fitting_batch_size(args, config, world, device, dtype, capacity)
+    plan = make_plan(args, config, world, batch)
+    with torch.device("meta"):
+        meta_model = GPT(config)
+    describe(config, plan, meta_model.param_counts(), meta_model.num_params(), batch, world,
+             "cuda (fake: predicted, not measured)" if fake else device, dtype)
+    if device == "cuda" and trace is None:
+        trace = predicted_peak(args, config, world, device, dtype, batch)
+    predicted_gb = trace["peak_bytes"] / GIB if trace else None
+    if trace:
+        parts = ", ".join(f"{k.replace('_', ' ')} {v / GIB:.2f}" for k, v in trace["parts"].items())
+        print0(f"predicted peak GPU memory: {predicted_gb:.2f} GB per rank ({parts}; traced on fake CUDA tensors, "
+               f"{'compiled' if args.compile else 'eager'}, {str(dtype).removeprefix('torch.')})")
+    # with a GPU to measure on, the measurement decides (an out-of-memory error names the batch that fits)
+    if fake and trace and capacity and trace["peak_bytes"] > FITS_FRACTION * capacity:
+        fit, fit_trace = fitting_batch_size(args, config, world, device, dtype, capacity)
+        raise UserError(f"--device-batch-size {batch} needs ~{predicted_gb:.1f} GB at peak, more than "
+                        f"{FITS_FRACTION:.0%} of {capacity / GIB:.1f} GB of GPU memory: use --device-batch-size {fit} "
+                        f"(~{fit_trace['peak_bytes'] / GIB:.1f} GB; the total batch stays the same by accumulation)")
+    result = {"depth": args.depth, "max_seq_len": config.sequence_len, "device": device, "fake_device": fake,
+              "dtype": str(dtype).removeprefix("torch."), "compile": args.compile, "world_size": world,
+              "device_batch_size": batch, "grad_accum": plan["grad_accum"], "total_batch_size": plan["total_batch_size"],
+              "num_iterations": plan["num_iterations"], "gpu_memory_gb": capacity / GIB if capacity else None,
+              "predicted_peak_memory_gb": predicted_gb, "measured_peak_memory_gb": None,
+              "peak_memory_gb": predicted_gb, "peak_memory_source": "predicted" if trace else None,
+              "tokens_per_second": None, "mfu": None, "eta_seconds": None}
+    if fake:
+        print0("dry run on fake CUDA tensors: tok/s, MFU and the ETA need the GPU itself; nothing written")
+        return result
+    try:
+        result.update(measure_step(args, config, plan, batch, device, dtype, info))
+    except torch.OutOfMemoryError:
+        raise UserError(out_of_memory_message(args, config, world, device, dtype, batch)) from None
+    return result
+
+
+def measure_step(args, config, plan, batch, device, dtype, info) -> dict:
+    """Time micro-batches and an optimizer step of the real step on random tokens, and its peak memory."""
+    model = build_model(config, device)
+    optimizers = make_optimizers(model, args, plan)
+    train_model = wrap_model(model, info, device, args.compile)
+    step_fn = TrainStep(model, train_model, optimizers, plan["grad_accum"], autocast(device, dtype), args.grad_clip,
+                        info.is_ddp, info.world_size)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, config.vocab_size, (args.device_batch_size, config.sequence_len), generator=gen).to(device)
-    train_model = torch.compile(model, dynamic=False) if args.compile else model
-
-    def micro_step():
-        with amp:
-            loss = train_model(x, x)
-        loss.backward()
-
-    micro_step()  # warmup (and compilation)
+    x = torch.randint(0, config.vocab_size, (batch, config.sequence_len), generator=gen).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_fn.accumulate([(x, x)] * min(2, plan["grad_accum"]))  # warmup (and compilation), with gradients present
+    step_fn.update()
     sync()
     t0 = time.perf_counter()
     timed = 2
     for _ in range(timed):
-        micro_step()
+        step_fn.accumulate([(x, x)])
     sync()
     micro = (time.perf_counter() - t0) / timed
     t0 = time.perf_counter()
-    for opt in optimizers:
-        opt.step()
+    step_fn.update()
     sync()
     opt_time = time.perf_counter() - t0
     step_time = plan["grad_accum"] * micro + opt_time
     tok_per_sec = plan["total_batch_size"] / step_time
-    n_params = model.num_params()
-    static_mb = n_params * 4 * 4 / 2**20  # fp32 weights + grads + ~2 optimizer moments
+    peak = peak_flops(device)
+    mfu = 100 * plan["flops_per_token"] * tok_per_sec / (peak * info.world_size) if peak else None
+    measured_gb = peak_memory_mb(device) / 1024
     print0(f"measured: {micro:.3f} s per micro-batch, {opt_time:.3f} s per optimizer step -> {step_time:.2f} s/step, "
-           f"{tok_per_sec:,.0f} tok/s" + (f", MFU {100 * plan['flops_per_token'] * tok_per_sec / (peak * world):.1f}%"
-                                          if peak else ""))
-    print0(f"memory: ~{static_mb:,.0f} MB weights+grads+optimizer state; peak {peak_memory_mb(device):,.0f} MB measured")
+           f"{tok_per_sec:,.0f} tok/s" + (f", MFU {mfu:.1f}%" if mfu is not None else ""))
+    print0(f"memory: peak {measured_gb:.2f} GB measured"
+           + (" (torch.cuda.max_memory_allocated)" if device == "cuda" else " (process peak RSS)"))
     print0(f"ETA: {format_duration(step_time * plan['num_iterations'])} for {plan['num_iterations']:,} steps "
            f"(plus evals); dry run: nothing written")
+    return {"measured_peak_memory_gb": measured_gb, "peak_memory_gb": measured_gb, "peak_memory_source": "measured",
+            "tokens_per_second": tok_per_sec, "mfu": mfu, "eta_seconds": step_time * plan["num_iterations"]}
 
 
 def write_report(stage, args, model, plan, loop, final, samples, device, peak, world, log_path, ckpt_dir, tag):

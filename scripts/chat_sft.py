@@ -12,23 +12,20 @@ last --warmdown-ratio of training; no weight decay. Checkpoints go to checkpoint
 """
 
 import argparse
-import contextlib
 import math
-import time
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from nanopipe import cli
 from nanopipe.checkpoint import checkpoint_root, load_model, rng_state, save_checkpoint
-from nanopipe.common import (UserError, autocast, autodetect_device, autodetect_dtype, cleanup_distributed,
-                             format_duration, get_base_dir, init_distributed, peak_flops, print0, seed_everything)
+from nanopipe.common import (UserError, autocast, autodetect_device, cleanup_distributed, format_duration,
+                             get_base_dir, init_distributed, peak_flops, print0, seed_everything)
 from nanopipe.dataset import default_data_name
 from nanopipe.optim import setup_optimizers
 from nanopipe.sft_data import SFTLoader
 from nanopipe.stage import Stage
+from nanopipe.train_step import Prefetcher, StepClock, StepProgress, TrainStep, training_dtype, wrap_model
 from nanopipe.training import (MetricLog, check_finite, muon_momentum, peak_memory_mb, read_log, resume_training,
                                series_from_log)
 from tasks.common import TaskMixture
@@ -67,6 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--keep-last", type=cli.integer(1), default=2)
     p.add_argument("--seed", type=cli.seed, default=42)
     p.add_argument("--device", default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the training model and Muon's update")
     p.add_argument("--resume", action="store_true", help="continue from the last SFT checkpoint of the tag")
     p.add_argument("--tensorboard", action="store_true")
     p.add_argument("--wandb", default=None, metavar="RUN")
@@ -128,6 +126,13 @@ def val_loss(model, tokenizer, val_mix, batch_size, seq_len, device, rank, world
     return (sums[0] / sums[1].clamp(min=1)).item()
 
 
+def min_over_ranks(value: float, device) -> float:
+    t = torch.tensor(value, dtype=torch.float64, device=device)  # on the device: NCCL takes no CPU tensors
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return t.item()
+
+
 def main(argv=None):
     args = parse_args(argv)
     with Stage("chat_sft", args) as stage:
@@ -138,9 +143,8 @@ def train(args, stage):
     device = autodetect_device(args.device)
     info = init_distributed(device)
     rank, world, master = info.rank, info.world_size, info.rank == 0
-    dtype = autodetect_dtype(device)
+    dtype = training_dtype(device)
     amp = autocast(device, dtype)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     seed_everything(args.seed)
 
     data_name = default_data_name(args.data)
@@ -165,7 +169,7 @@ def train(args, stage):
     lr = args.init_lr_frac
     optimizers = setup_optimizers(model, matrix_lr=args.matrix_lr * lr, embedding_lr=args.embedding_lr * lr,
                                   unembedding_lr=args.unembedding_lr * lr, scalar_lr=args.scalar_lr * lr,
-                                  weight_decay=0.0)
+                                  weight_decay=0.0, compile=args.compile)
     ckpt_dir = checkpoint_root("sft") / tag
     loop = {"smooth_loss": 0.0, "train_seconds": 0.0, "timed_steps": 0, "val_loss": None, "trained_tokens": 0}
 
@@ -176,20 +180,16 @@ def train(args, stage):
     start_step, loader_state = resume_training(ckpt_dir, args.resume, model, optimizers, loop, device, rank,
                                                check_meta)
 
-    loader = SFTLoader(tokenizer, train_mix, args.device_batch_size, seq_len, device, rank, world, state=loader_state)
-    train_model = DDP(model, device_ids=[info.local_rank] if device == "cuda" else None) if info.is_ddp else model
+    loader = Prefetcher(SFTLoader(tokenizer, train_mix, args.device_batch_size, seq_len, device, rank, world,
+                                  state=loader_state), depth=2 * grad_accum)
+    train_model = wrap_model(model, info, device, args.compile)
+    step_fn = TrainStep(model, train_model, optimizers, grad_accum, amp, args.grad_clip, info.is_ddp, world)
     log = MetricLog(get_base_dir() / "logs" / f"sft-{tag}.jsonl", start_step, args, f"sft-{tag}", enabled=master,
                     checkpoint_dir=ckpt_dir)
     peak = peak_flops(device)
-    flops_per_token = model.flops_per_token()
-
-    def progress_of(step: int) -> float:
-        if args.num_iterations > 0:
-            return step / args.num_iterations
-        done = torch.tensor([loader.progress / args.num_epochs], dtype=torch.float64, device=device)
-        if dist.is_initialized():
-            dist.all_reduce(done, op=dist.ReduceOp.MIN)  # every rank stops at the same step
-        return done.item()
+    clock = StepClock(loop, total_batch, model.flops_per_token(), peak, world)
+    # with --num-iterations the step count is known; otherwise progress is the epochs read, the slowest rank's
+    epoch_progress = None if args.num_iterations > 0 else (lambda: loader.progress / args.num_epochs)
 
     def save(step, record):
         meta = {"tag": tag, "base_checkpoint": base_meta["checkpoint_dir"], "mixture": spec, "loop_state": loop,
@@ -197,80 +197,57 @@ def train(args, stage):
         save_checkpoint(ckpt_dir, step, model, optimizers, meta, loader.state_dict(), rng_state(),
                         keep_last=args.keep_last)
 
+    def validate():
+        return val_loss(model, tokenizer, val_mix, args.device_batch_size, seq_len, device, rank, world, amp)
+
     if start_step == 0:
-        loop["initial_val_loss"] = val_loss(model, tokenizer, val_mix, args.device_batch_size, seq_len, device, rank,
-                                            world, amp)
+        loop["initial_val_loss"] = validate()
         print0(f"step 0: val loss {loop['initial_val_loss']:.4f}")
         log.write({"step": 0, "val_loss": loop["initial_val_loss"]})
     step, saved_step = start_step, start_step or None
-    progress = progress_of(step)
-    with tqdm(total=1000, initial=int(1000 * min(progress, 1)), disable=not master, desc="chat_sft",
-              unit="‰", dynamic_ncols=True) as bar:
+    progress = step / args.num_iterations if epoch_progress is None else min_over_ranks(epoch_progress(), device)
+    total = args.num_iterations if epoch_progress is None else None
+    with StepProgress(total, start_step, "chat_sft", master) as bar:
         while progress < 1:
-            sync()
-            t0 = time.perf_counter()
+            clock.start()
             lrm = lr_multiplier(progress, args.warmdown_ratio)
             for opt in optimizers:
                 for group in opt.param_groups:
                     group["lr"] = group["initial_lr"] * lrm
             for group in optimizers[1].param_groups:
                 group["momentum"] = muon_momentum(step)
-            batches = [next(loader) for _ in range(grad_accum)]
-            # normalise by the trained tokens of the whole step on all ranks, not per micro-batch
-            trained = torch.tensor(sum(int((y != -1).sum()) for _, y in batches), dtype=torch.float64, device=device)
-            if dist.is_initialized():
-                dist.all_reduce(trained)
-            loss_sum = 0.0
-            for micro, (x, y) in enumerate(batches):
-                no_sync = train_model.no_sync() if info.is_ddp and micro < grad_accum - 1 else contextlib.nullcontext()
-                with no_sync, amp:
-                    loss = train_model(x, y, loss_reduction="sum")
-                # DDP averages gradients over ranks, so scale by world to get the sum over all trained tokens
-                (loss * world / trained.clamp(min=1).item()).backward()
-                loss_sum += loss.item()
+            stats = step_fn.run(loader, epoch_progress)
             step += 1
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       args.grad_clip if args.grad_clip > 0 else float("inf")).item()
-            total_loss = torch.tensor([loss_sum], dtype=torch.float64, device=device)
-            if dist.is_initialized():
-                dist.all_reduce(total_loss)
-            train_loss = total_loss.item() / max(trained.item(), 1)
+            train_loss, grad_norm = stats["loss"], stats["grad_norm"]
             check_finite(step, train_loss, grad_norm, ckpt_dir, saved_step, "--matrix-lr/--embedding-lr/--init-lr-frac")
-            for opt in optimizers:
-                opt.step()
-            model.zero_grad(set_to_none=True)
-            sync()
-            dt = time.perf_counter() - t0
-            if step > start_step + 1:
-                loop["train_seconds"] += dt
-                loop["timed_steps"] += 1
-            loop["trained_tokens"] += int(trained.item())
+            step_fn.update()
+            timing = clock.stop()
+            loop["trained_tokens"] += stats["trained_tokens"]
             loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
-            progress = progress_of(step)
-            tok_per_sec = total_batch / dt
-            record = {"step": step, "loss": train_loss, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec,
-                      "mfu": 100 * flops_per_token * tok_per_sec / (peak * world) if peak else None,
-                      "grad_norm": grad_norm, "trained_tokens": int(trained.item()), "progress": progress}
+            progress = step / args.num_iterations if epoch_progress is None else stats["progress"]
+            record = {"step": step, "loss": train_loss, "lrm": lrm, **timing, "grad_norm": grad_norm,
+                      "trained_tokens": stats["trained_tokens"], "progress": progress}
             last = progress >= 1
             if last or (args.save_every > 0 and step % args.save_every == 0):
                 save(step, record)  # before the eval: an eval crash costs no training
                 saved_step = step
             if last or (args.eval_every > 0 and step % args.eval_every == 0):
-                loop["val_loss"] = record["val_loss"] = val_loss(model, tokenizer, val_mix, args.device_batch_size,
-                                                                 seq_len, device, rank, world, amp)
+                loop["val_loss"] = record["val_loss"] = validate()
+                bar.note(f"step {step}: val loss {record['val_loss']:.4f}")
             log.write(record)
-            smooth = loop["smooth_loss"] / (1 - 0.9 ** (step - start_step))
-            postfix = f"step {step} | loss {smooth:.4f} | {tok_per_sec:,.0f} tok/s"
-            if "val_loss" in record:
-                postfix += f" | val loss {record['val_loss']:.4f}"
-            bar.set_postfix_str(postfix, refresh=False)
-            bar.update(int(1000 * min(progress, 1)) - bar.n)
+            mean_dt = clock.mean_step_seconds(timing["dt"])
+            steps_total = total or max(step, round(step / max(progress, 1e-9)))  # by epochs: estimated
+            bar.step(step, {"loss": loop["smooth_loss"] / (1 - 0.9 ** (step - start_step)), "lr": lrm,
+                            "dt": timing["dt"], "tok/s": total_batch / mean_dt, "mfu": clock.mfu(total_batch / mean_dt)},
+                     eta_seconds=mean_dt * (steps_total - step), fraction=min(progress, 1.0), total=steps_total)
+    loader.close()
 
     if start_step == step:  # a rerun of a finished SFT: nothing to train, refresh the report
         print0(f"{ckpt_dir} is already trained to the end (step {step}); writing its report")
-        loop["val_loss"] = val_loss(model, tokenizer, val_mix, args.device_batch_size, seq_len, device, rank, world, amp)
+        loop["val_loss"] = validate()
     log.close()
     records = read_log(log.path)
+    flops_per_token = model.flops_per_token()
     tok_per_sec = total_batch * loop["timed_steps"] / loop["train_seconds"] if loop["train_seconds"] else None
     data = {"train_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
             "val_loss": loop["val_loss"], "initial_val_loss": loop.get("initial_val_loss"), "num_steps": step,

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -312,3 +313,20 @@ def test_load_model_without_checkpoints_says_what_to_run(isolated_dirs):
         load_model("base")
     with pytest.raises(UserError, match="python -m scripts.chat_sft"):
         load_model("sft")
+
+
+def test_a_log_file_gets_one_readable_line_per_step(toy_data, tmp_path):
+    log = tmp_path / "log"
+    with open(log, "w") as f:  # as `> log 2>&1` does: stdout is a file, not a terminal
+        result = subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY, "--data", "toy",
+                                 "--num-iterations", "20", "--total-batch-size", "128", "--eval-every", "10",
+                                 "--eval-tokens", "128"], env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT,
+                                timeout=180)
+    assert result.returncode == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    steps = re.findall(r"^step (\d{5})/00020 \(([\d.]+)%\) \| loss [\d.]+ \| lr [\d.]+ \| dt \d+ms \| "
+                       r"tok/s [\d,]+ \| eta \w+$", text, flags=re.M)
+    assert [int(s) for s, _ in steps] == list(range(1, 21)), text[-2000:]
+    assert float(steps[9][1]) == 50.0
+    assert re.search(r"^step 10: val bpb [\d.]+$", text, flags=re.M)
+    assert "\r" not in text  # no progress bar redraws in a file

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from nanopipe.gpt import GPT, GPTConfig, KVCache, chunked_head_loss, config_from_depth, cross_entropy
+from nanopipe.gpt import GPT, GPTConfig, KVCache, chunked_head_loss, config_from_depth, cross_entropy, norm
 from tests.conftest import tiny_gpt
 
 
@@ -201,7 +201,7 @@ def test_meta_build_is_deterministic_and_state_dict_roundtrips():
 
 
 def test_compiles_as_one_graph():
-    # the CUDA training path (full logits + cross-entropy) must trace without graph breaks; aot_eager checks
+    # the training path (the chunked head is a custom op) must trace without graph breaks; aot_eager checks
     # the capture and autograd without needing a C++/Triton toolchain
     model = tiny_gpt()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)
@@ -251,3 +251,17 @@ def test_chunked_head_loss_over_many_chunks_matches_autograd(reduction):
     torch.testing.assert_close(gx, x.grad)
     torch.testing.assert_close(gw, weight.grad)
     assert (gw[300:] == 0).all()
+
+
+def test_bf16_rms_norm_matches_fp32_reference_in_value_and_gradient():
+    torch.manual_seed(0)
+    x = (3 * torch.randn(4, 5, 64)).bfloat16().requires_grad_()
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    reference = torch.nn.functional.rms_norm(x.detach().float().requires_grad_(), (64,))
+    torch.testing.assert_close(y.float(), reference, atol=1e-2, rtol=1e-2)
+    g = torch.randn(4, 5, 64)
+    y.backward(g.bfloat16())
+    xf = x.detach().float().requires_grad_()
+    torch.nn.functional.rms_norm(xf, (64,)).backward(g.bfloat16().float())
+    torch.testing.assert_close(x.grad.float(), xf.grad, atol=2e-2, rtol=2e-2)
