@@ -52,7 +52,7 @@ def atomic_write(path, mode="wb"):
 
 
 def atomic_write_text(path, text: str):
-    with disk_space(Path(path).parent, len(text.encode("utf-8"))):
+    with disk_space(Path(path).parent, len(text.encode("utf-8")), f"writing {Path(path).name}"):
         with atomic_write(path, "w") as f:
             f.write(text)
 
@@ -124,28 +124,37 @@ def format_bytes(n: float) -> str:
 
 
 def free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(_existing(folder)).free
+
+
+def disk_full_error(folder: Path, needed: int, what: str = "this step", bound: str = "about") -> UserError:
+    """The one line for a full disk: the folder, the space `what` needs (`bound`: about / up to), what is free."""
+    existing = _existing(folder)
+    free = f"{format_bytes(free_bytes(existing))} free there"
+    if os.statvfs(existing).f_favail == 0:
+        free += " and no free inode"
+    return UserError(f"no space left on the device of {folder}: {what} needs {bound} {format_bytes(needed)}, "
+                     f"{free}: free some space and rerun (or point NANOPIPE_BASE_DIR or NANOPIPE_REPORT_DIR at a bigger disk)")
+
+
+def _existing(folder: Path) -> Path:
     folder = Path(folder)
     while not folder.exists():
         folder = folder.parent
-    return shutil.disk_usage(folder).free
-
-
-def disk_full_error(folder: Path, needed: int, what: str = "this step") -> UserError:
-    return UserError(f"no space left on the device of {folder}: {what} needs about {format_bytes(needed)}, "
-                     f"{format_bytes(free_bytes(folder))} free there: free some space (or set NANOPIPE_BASE_DIR "
-                     f"to a bigger disk) and rerun")
+    return folder
 
 
 def is_disk_full(exc: BaseException, folder: Path, needed: int) -> bool:
     """Whether a failed write ran out of space: an OSError saying so, a library's error quoting it, or (for
-    libraries whose message does not say, e.g. torch.save's "unexpected pos") less free space than it needed."""
+    libraries whose message does not say, e.g. torch.save's "unexpected pos") less free space than it needed,
+    or no free inode left."""
     if isinstance(exc, OSError) and exc.errno in DISK_FULL:
         return True
     text = str(exc)
     if "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text:
         return True
     library_error = isinstance(exc, (OSError, RuntimeError)) or "Safetensor" in type(exc).__name__
-    return library_error and free_bytes(folder) < needed
+    return library_error and (free_bytes(folder) < needed or os.statvfs(_existing(folder)).f_favail == 0)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanopipe import cli
-from nanopipe.common import (UserError, atomic_write_text, disk_full_error, get_base_dir, is_disk_full,
+from nanopipe.common import (UserError, atomic_write_text, disk_full_error, disk_space, get_base_dir, is_disk_full,
                              iter_text_lines, read_text_file, replace_dir, temp_dir_beside)
 from nanopipe.download import (DownloadError, DownloadJob, HubFile, download_file, download_many, hf_endpoint,
                                resolve_revision)
@@ -299,7 +299,8 @@ class ShardWriter:
         self.row_group_size = row_group_size
         self.source = source or {}
         self.expected = (expected_docs, expected_text_bytes)
-        self.folder = temp_dir_beside(self.out_dir)
+        with disk_space(self.out_dir.parent, 1 << 20, f"building dataset {self.out_dir.name}"):
+            self.folder = temp_dir_beside(self.out_dir)
         self.entries = []
         self.train = None
         self.val = None
@@ -336,15 +337,15 @@ class ShardWriter:
         return manifest
 
     def needed_bytes(self):
-        """About how much disk the whole dataset takes: what was written so far, scaled to the expected input."""
-        written = sum(f.stat().st_size for f in self.folder.rglob("*") if f.is_file()) if self.folder.exists() else 0
+        """An upper bound of the disk the whole dataset takes: its text uncompressed (the input's size when
+        known, else what was written so far scaled to the expected documents)."""
         open_files = [f for f in (self.train, self.val) if f is not None]
         docs = sum(e["docs"] for e in self.entries) + sum(f.docs for f in open_files)
         text = sum(e["text_bytes"] for e in self.entries) + sum(f.text_bytes for f in open_files)
         expected_docs, expected_text = self.expected
-        scale = max(expected_docs / docs if expected_docs and docs else 1,
-                    expected_text / text if expected_text and text else 1)
-        return int(max(written, 1 << 20) * scale)
+        if expected_docs and docs:
+            text = text * expected_docs / docs
+        return int(max(text, expected_text or 0, 1 << 20))
 
     def abort(self):
         for f in (self.train, self.val):
@@ -373,7 +374,8 @@ class ShardWriter:
         full = isinstance(exc, Exception) and is_disk_full(exc, self.out_dir.parent, needed)
         self.abort()
         if full:
-            raise disk_full_error(self.out_dir.parent, needed, f"building dataset {self.out_dir.name}") from None
+            raise disk_full_error(self.out_dir.parent, needed, f"building dataset {self.out_dir.name}",
+                                  bound="up to") from None
 
 
 # ---------------------------------------------------------------------------------------------

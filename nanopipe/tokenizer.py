@@ -295,15 +295,17 @@ class Tokenizer:
         token_bytes = self.token_bytes().numpy().astype(np.int32)
         meta = {"vocab_size": self.vocab_size, "special_tokens": self._special_ids, "split_pattern": SPLIT_PATTERN}
         needed = len(text.encode("utf-8")) + token_bytes.nbytes + (1 << 16)
-        tmp = temp_dir_beside(directory)
+        tmp = None
         try:
             with disk_space(directory.parent, needed, "the tokenizer"):
+                tmp = temp_dir_beside(directory)
                 (tmp / "tokenizer.json").write_text(text, encoding="utf-8")
                 np.save(tmp / "token_bytes.npy", token_bytes)
                 (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
                 replace_dir(tmp, directory)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     @classmethod

@@ -1,4 +1,6 @@
+import hashlib
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,62 @@ def chat_world(tmp_path_factory):
         base_eval.main(["--eval", "core,bpb", "--max-per-task", "4", "--split-tokens", "4096", "--device", "cpu"])
         chat_eval.main(["-i", "sft", "--max-problems", "4", "--max-new-tokens", "8", "--device", "cpu"])
     return base
+
+
+# base_train flags of the `trained` fixture's run: 2 steps of a depth-2 model, a checkpoint after each
+TINY_RUN = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--device-batch-size",
+            "2", "--total-batch-size", "64", "--num-iterations", "2", "--save-every", "1", "--eval-every", "-1",
+            "--core-metric-every", "-1", "--sample-every", "-1", "--device", "cpu", "--data", "toy",
+            "--model-tag", "d2"]
+
+
+def run_main(main, argv, capsys):
+    """A stage's main() in this process, at one thread as the subprocesses run: (exit code, stderr)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as e:
+        code = e.code
+    finally:
+        torch.set_num_threads(threads)
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A base dir with data/toy, a 300-token tokenizer and checkpoints/base/d2/step_00000{1,2} (TINY_RUN)."""
+    from nanopipe import dataset
+    from scripts import base_train
+    base = tmp_path_factory.mktemp("trained") / "base"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOPIPE_BASE_DIR", str(base))
+        mp.setenv("NANOPIPE_REPORT_DIR", str(base.parent / "report"))
+        rng = random.Random(0)
+        words = "the a river stone cloud seven green quick brown fox jumps over lazy dog city".split()
+        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(600)]
+        with dataset.ShardWriter(dataset.dataset_dir("toy"), docs_per_shard=250, row_group_size=50) as writer:
+            for text in docs:
+                writer.write(text)
+        Tokenizer.train(iter(docs), vocab_size=300).save(base / "tokenizer")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            base_train.main(TINY_RUN)
+        finally:
+            torch.set_num_threads(threads)
+    return base
+
+
+def snapshot(*roots):
+    """Every file and folder under the roots: path -> sha256 of the file ("dir" for a folder)."""
+    state = {}
+    for root in roots:
+        for dirpath, _, filenames in os.walk(root):
+            state[dirpath] = "dir"
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                with open(path, "rb") as f:
+                    state[path] = hashlib.sha256(f.read()).hexdigest()
+    return state

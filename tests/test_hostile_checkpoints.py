@@ -4,9 +4,7 @@ file (and what to do), no traceback, and leaves every file on disk as it was.
 The checkpoints are real: a tiny base model trained for 2 steps (a checkpoint after each) by base_train itself.
 """
 
-import hashlib
 import os
-import pickle
 import random
 import shutil
 import subprocess
@@ -18,52 +16,9 @@ import torch
 
 from nanopipe import dataset
 from nanopipe.checkpoint import LEGACY_WEIGHTS, WEIGHTS, checkpoint_root, load_model, load_weights, step_dir
-from nanopipe.common import get_base_dir
 from nanopipe.gpt import build_model, config_from_depth
-from nanopipe.tokenizer import Tokenizer
 from scripts import base_train, chat_cli, tok_train
-from tests.conftest import subprocess_env
-
-TRAIN = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--device-batch-size",
-         "2", "--total-batch-size", "64", "--num-iterations", "2", "--save-every", "1", "--eval-every", "-1",
-         "--core-metric-every", "-1", "--sample-every", "-1", "--device", "cpu", "--data", "toy", "--model-tag", "d2"]
-
-
-def run_main(main, argv, capsys):
-    """A stage's main() in this process: (exit code, stderr)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code
-    finally:
-        torch.set_num_threads(threads)
-    return code, capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A base dir with data/toy, a 300-token tokenizer and checkpoints/base/d2/step_00000{1,2}."""
-    base = tmp_path_factory.mktemp("hostile") / "base"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOPIPE_BASE_DIR", str(base))
-        mp.setenv("NANOPIPE_REPORT_DIR", str(base.parent / "report"))
-        rng = random.Random(0)
-        words = "the a river stone cloud seven green quick brown fox jumps over lazy dog city".split()
-        docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(600)]
-        with dataset.ShardWriter(dataset.dataset_dir("toy"), docs_per_shard=250, row_group_size=50) as writer:
-            for text in docs:
-                writer.write(text)
-        Tokenizer.train(iter(docs), vocab_size=300).save(get_base_dir() / "tokenizer")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            base_train.main(TRAIN)
-        finally:
-            torch.set_num_threads(threads)
-    return base
+from tests.conftest import TINY_RUN, run_main, snapshot, subprocess_env
 
 
 @pytest.fixture
@@ -71,19 +26,6 @@ def base(trained, isolated_dirs):
     """A private copy of the trained base dir (the test's NANOPIPE_BASE_DIR), to damage at will."""
     shutil.copytree(trained, isolated_dirs)
     return isolated_dirs
-
-
-def snapshot(*roots):
-    """Every file under the roots: path -> sha256 (folders included, so a created or removed folder shows)."""
-    state = {}
-    for root in roots:
-        for dirpath, dirnames, filenames in os.walk(root):
-            state[dirpath] = "dir"
-            for name in filenames:
-                path = os.path.join(dirpath, name)
-                with open(path, "rb") as f:
-                    state[path] = hashlib.sha256(f.read()).hexdigest()
-    return state
 
 
 class Evil:
@@ -140,7 +82,7 @@ def test_resume_refuses_a_damaged_checkpoint_part(base, capsys, name, how):
     step = step_dir(checkpoint_root("base") / "d2", 2)
     damage(step / name, how, base)
     before = snapshot(base, base.parent / "report")
-    code, err = run_main(base_train.main, [*TRAIN, "--resume"], capsys)
+    code, err = run_main(base_train.main, [*TINY_RUN, "--resume"], capsys)
     line = assert_refused(code, err, step / name, before, snapshot(base, base.parent / "report"))
     if how == "other_depth":
         assert "--depth" in line  # the configuration differs: resume with the same flags
@@ -166,7 +108,7 @@ def test_a_damaged_checkpoint_is_refused_by_the_real_command_line(base):
     step = step_dir(checkpoint_root("base") / "d2", 2)
     damage(step / WEIGHTS, "truncated", base)
     before = snapshot(base, base.parent / "report")
-    result = subprocess.run([sys.executable, "-m", "scripts.base_train", *TRAIN, "--resume"], env=subprocess_env(),
+    result = subprocess.run([sys.executable, "-m", "scripts.base_train", *TINY_RUN, "--resume"], env=subprocess_env(),
                             capture_output=True, text=True, timeout=300)
     assert_refused(result.returncode, result.stderr, step / WEIGHTS, before, snapshot(base, base.parent / "report"))
 
@@ -180,7 +122,7 @@ def test_a_checkpoint_of_an_older_version_with_model_pt_still_loads_and_resumes(
     assert meta["step"] == 2
     for key, value in model.state_dict().items():
         assert torch.equal(value, weights[key]), key
-    code, err = run_main(base_train.main, [*TRAIN, "--resume"], capsys)  # a finished run: resumes, trains nothing
+    code, err = run_main(base_train.main, [*TINY_RUN, "--resume"], capsys)  # a finished run: resumes, trains nothing
     assert code == 0, err
 
 
