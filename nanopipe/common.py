@@ -134,7 +134,8 @@ def disk_full_error(folder: Path, needed: int, what: str = "this step", bound: s
     if os.statvfs(existing).f_favail == 0:
         free += " and no free inode"
     return UserError(f"no space left on the device of {folder}: {what} needs {bound} {format_bytes(needed)}, "
-                     f"{free}: free some space and rerun (or point NANOPIPE_BASE_DIR or NANOPIPE_REPORT_DIR at a bigger disk)")
+                     f"{free}: free some space and rerun (or point NANOPIPE_BASE_DIR or NANOPIPE_REPORT_DIR at a "
+                     "bigger disk)")
 
 
 def _existing(folder: Path) -> Path:
