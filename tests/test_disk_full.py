@@ -108,7 +108,8 @@ def test_dataset_build_on_a_full_disk_leaves_the_previous_dataset(tmp_path, tmpf
         (big / f"{i}.txt").write_bytes(rng.randbytes(10_000).translate(table))
     mnt = tmp_path / "mnt"
     check = ("from nanopipe import dataset; import os; train, val = dataset.list_shards('mine'); "
-             "print('DOCS', sum(1 for _ in dataset.iter_documents('mine', 'train')), sorted(os.listdir(val.parent.parent)))")
+             "print('DOCS', sum(1 for _ in dataset.iter_documents('mine', 'train')), "
+             "sorted(os.listdir(val.parent.parent)))")
     result = tmpfs(mnt, f"""
 export NANOPIPE_BASE_DIR={mnt}/base
 {PY} -m nanopipe.dataset local --name mine {small} --val-every 10
