@@ -28,8 +28,12 @@ if ! $PY -c 'import torch' 2>/dev/null; then
         $PY -m pip install torch
     else
         echo "setup: no GPU; installing a CPU-only torch"
-        $PY -m pip install --no-index "torch==${NANOPIPE_TORCH_VERSION:-2.13.0}" 2>/dev/null \
-            || $PY -m pip install torch --index-url "${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+        # The "+cpu" local version pins the CPU build whichever index serves it: a plain "torch" would let pip
+        # pick a newer CUDA wheel from PyPI (or a mirror) and pull the multi-GB CUDA stack. First the
+        # configured sources (a local wheel in find-links, dependencies from the usual index), then PyTorch's.
+        want="torch==${NANOPIPE_TORCH_VERSION:-2.13.0}+cpu"
+        $PY -m pip install -q "$want" 2>/dev/null \
+            || $PY -m pip install "$want" --extra-index-url "${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
     fi
 fi
 
