@@ -6,7 +6,7 @@ the first --eval-tokens tokens of the val shard. The variant is extra base_train
 (e.g. `git worktree add /tmp/old HEAD~3` for the recipe before a change), or both:
 
     python -m bench.bench_recipe --corpus ../shared/data/corpus                          # default only
-    python -m bench.bench_recipe --corpus ../shared/data/corpus --variant-flags "--grad-clip 1.0"
+    python -m bench.bench_recipe --corpus ../shared/data/corpus --variant-flags "--grad-clip 0"
     python -m bench.bench_recipe --corpus ../shared/data/corpus --variant-tree /tmp/old --steps 200 --depth 6
 
 The corpus folder holds parquet shards with a `text` column, the last one being val (nanopipe's dataset
