@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from nanopipe.core_eval import evaluate_core, load_bundle, prepare_task, select_items
 from nanopipe.gpt import build_model, config_from_depth
-from nanopipe.synthetic import _write_core_bundle, build_world, generate_documents
+from tasks.world.core import write_core_bundle
+from tasks.world.documents import generate_documents
+from tasks.world.facts import build_world
 from nanopipe.tokenizer import Tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -76,7 +78,7 @@ def main():
     bundle = Path(args.bundle) if args.bundle else SHARED_DATA / "core_sample"
     if not (bundle / "core.yaml").exists():
         bundle = Path(workdir) / "bundle"
-        _write_core_bundle(0, build_world(0), bundle)
+        write_core_bundle(0, build_world(0), bundle)
     print(f"bundle: {bundle}")
     if args.threads:
         torch.set_num_threads(args.threads)

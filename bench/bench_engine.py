@@ -15,7 +15,7 @@ import torch
 
 from nanopipe.engine import Engine
 from nanopipe.gpt import build_model, config_from_depth
-from nanopipe.synthetic import generate_documents
+from tasks.world.documents import generate_documents
 from nanopipe.tokenizer import Tokenizer
 
 

@@ -1,20 +1,10 @@
-"""Text datasets as parquet shards: download (FineWeb-Edu, ClimbMix), local files, synthetic; streaming reads.
+"""Text datasets as parquet shards: download (FineWeb-Edu, ClimbMix), local files; streaming reads.
 
 A dataset is `<base>/data/<name>/shard_NNNNN.parquet` (one `text` column, one document per row, row groups
 of ~1000 docs) plus `manifest.json`. The LAST shard (sorted by name) is validation, all others are train.
 
-    python -m nanopipe.dataset download fineweb-edu --num-shards 8     # 7 train shards + the val shard
-    python -m nanopipe.dataset download fineweb-edu --num-shards 240 &  # background: shards appear one by one
-    python -m nanopipe.dataset local --name mine textbooks/ web.jsonl --weights 70,30
-    python -m nanopipe.dataset synthetic [--num-shards 6] [--seed 0]
-    python -m nanopipe.dataset chat-data [--only gsm8k,mmlu]
-    python -m nanopipe.dataset eval-bundle
-
-Downloads always include the source's final shard (fineweb-edu shard_01822) as the validation shard, and
-fetch it first: the val set is then the same whatever --num-shards says, and a background download that
-keeps adding train shards never changes which shard is val. Each shard lands atomically (verified, then
-renamed), so a tokenizer started while the download runs in the background (`&` in the run script) only
-ever sees complete shards.
+The CLI is `python -m scripts.dataset` (download, local, synthetic, chat-data, eval-bundle, verify); the
+synthetic world's own source is tasks/world/source.py.
 """
 
 import argparse
@@ -67,10 +57,10 @@ def dataset_dir(name) -> Path:
 def make_command(name):
     """The command that creates dataset `name`, for error messages."""
     if name in PRETRAIN_SOURCES:
-        return f"python -m nanopipe.dataset download {name} --num-shards 8"
+        return f"python -m scripts.dataset download {name} --num-shards 8"
     if name == "synthetic":
-        return "python -m nanopipe.dataset synthetic"
-    return f"python -m nanopipe.dataset local --name {name} PATH..."
+        return "python -m scripts.dataset synthetic"
+    return f"python -m scripts.dataset local --name {name} PATH..."
 
 
 def read_manifest(out_dir):
@@ -105,7 +95,7 @@ def list_shards(name, check_sha256=False):
 
     A dataset is readable only once its manifest is written, and only its listed shards count (a download in
     progress adds files that are not listed yet). Every listed shard must be present with the listed size;
-    check_sha256 also hashes them (`python -m nanopipe.dataset verify NAME`).
+    check_sha256 also hashes them (`python -m scripts.dataset verify NAME`).
     """
     folder = dataset_dir(name)
     shards = _manifest_shards(name, folder)
@@ -116,7 +106,7 @@ def list_shards(name, check_sha256=False):
         val_file = f"shard_{PRETRAIN_SOURCES[name][1]:05d}.parquet"
         if [e["file"] for e in val] != [val_file]:
             raise UserError(f"dataset {folder} lacks its val shard {val_file}: run "
-                            f"`python -m nanopipe.dataset download {name} --num-shards {max(2, len(train) + 1)}` "
+                            f"`python -m scripts.dataset download {name} --num-shards {max(2, len(train) + 1)}` "
                             f"to fetch it")
     elif len(val) != 1:
         raise UserError(f"dataset {folder} has {len(val)} val shards in its manifest, not 1: run "
@@ -556,34 +546,6 @@ def build_local(name, paths, weights=None, seed=0, docs_per_shard=50_000, val_ev
 
 
 # ---------------------------------------------------------------------------------------------
-# source: synthetic
-
-def build_synthetic(num_shards=None, seed=0, force=False):
-    """data/synthetic/: num_shards shards of the synthetic world's prose, plus its eval bundle and chat data.
-
-    Skipped when the folder already holds the same seed and shard count (the run script can call it always).
-    """
-    from nanopipe import synthetic
-    num_shards = num_shards or synthetic.DEFAULT_NUM_SHARDS
-    out = dataset_dir("synthetic")
-    source = {"kind": "synthetic", "seed": seed, "docs_per_shard": synthetic.DOCS_PER_SHARD}
-    manifest = read_manifest(out)
-    if (not force and manifest and manifest["source"] == source and manifest["num_shards"] == num_shards
-            and all((out / s["file"]).exists() for s in manifest["shards"]) and (out / "eval_bundle").is_dir()):
-        print(f"{out} already holds synthetic seed {seed} with {num_shards} shards")
-        return out
-    if num_shards < 2:
-        raise UserError(f"--num-shards {num_shards}: need at least 2 (train + val)")
-    num_docs = num_shards * synthetic.DOCS_PER_SHARD
-    with ShardWriter(out, synthetic.DOCS_PER_SHARD, source=source, expected_docs=num_docs) as writer:
-        for text in synthetic.generate_documents(seed, num_docs):
-            writer.write(text)
-        synthetic.write_extras(seed, writer.folder)
-    print(f"wrote {out}")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # chat / SFT data and the CORE eval bundle
 
 # name -> (HF dataset repo, parquet files in it); land in <base>/chat_data/<name>/<path>
@@ -618,7 +580,7 @@ def chat_data_file(name, path):
     """Path of a downloaded chat-data file (e.g. ("gsm8k", "main/test-00000-of-00001.parquet")); UserError if absent."""
     p = chat_data_dir() / name / path
     if not p.exists():
-        raise UserError(f"missing {p}: run `python -m nanopipe.dataset chat-data --only {name}`")
+        raise UserError(f"missing {p}: run `python -m scripts.dataset chat-data --only {name}`")
     return p
 
 
@@ -718,70 +680,17 @@ def get_eval_bundle_dir(data_name) -> Path:
         fix = "point NANOPIPE_EVAL_BUNDLE at a folder with core.yaml, eval_meta_data.csv and eval_data/"
     elif data_name == "synthetic":
         path = dataset_dir("synthetic") / "eval_bundle"
-        fix = "run `python -m nanopipe.dataset synthetic`"
+        fix = "run `python -m scripts.dataset synthetic`"
     else:
         path = get_base_dir() / "eval_bundle"
-        fix = "run `python -m nanopipe.dataset eval-bundle` (or set NANOPIPE_EVAL_BUNDLE)"
+        fix = "run `python -m scripts.dataset eval-bundle` (or set NANOPIPE_EVAL_BUNDLE)"
     if not (path / "core.yaml").exists():
         raise UserError(f"no CORE eval bundle in {path}: {fix}")
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI
-
-def main(argv=None):
-    parser = cli.ArgumentParser(prog="python -m nanopipe.dataset", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("download", help="download pretraining shards (FineWeb-Edu, ClimbMix)")
-    p.add_argument("name", choices=sorted(PRETRAIN_SOURCES))
-    p.add_argument("--num-shards", "-n", type=cli.integer(2), default=8, help="total shards incl. the val shard")
-    p.add_argument("--workers", type=cli.integer(1, 256), default=4)
-    p.add_argument("--revision", default=None,
-                   help="branch, tag or commit of the source repo (default: main's commit at the first download)")
-    p = sub.add_parser("local", help="build a dataset from your own .txt/.md/.jsonl/.parquet files or folders")
-    p.add_argument("--name", type=cli.name, required=True)
-    p.add_argument("paths", nargs="+")
-    p.add_argument("--weights", type=cli.weights, default=None, help="mixture weights per path, e.g. 50,30,20")
-    p.add_argument("--seed", type=cli.seed, default=0)
-    p.add_argument("--docs-per-shard", type=cli.integer(1), default=50_000)
-    p.add_argument("--val-every", type=cli.integer(2), default=100, help="every Nth document goes to the val shard")
-    p = sub.add_parser("synthetic", help="generate the offline synthetic world")
-    p.add_argument("--num-shards", "-n", type=cli.integer(2), default=None,
-                   help="default: synthetic.DEFAULT_NUM_SHARDS")
-    p.add_argument("--seed", type=cli.seed, default=0)
-    p.add_argument("--force", action="store_true", help="rebuild even if the same seed/shards exist")
-    p = sub.add_parser("chat-data", help="download SFT and chat-eval data")
-    p.add_argument("--only", type=cli.choices_list(CHAT_DATA_NAMES), default=None, help=",".join(CHAT_DATA_NAMES))
-    p.add_argument("--workers", type=cli.integer(1, 256), default=4)
-    sub.add_parser("eval-bundle", help="download the CORE eval bundle")
-    p = sub.add_parser("verify", help="check every shard of a dataset against the sha256 in its manifest")
-    p.add_argument("name", type=cli.name)
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "download":
-            failed = download_pretrain(args.name, args.num_shards, args.workers, args.revision).failed
-        elif args.command == "chat-data":
-            failed = download_chat_data(args.only, args.workers).failed
-        elif args.command == "local":
-            build_local(args.name, args.paths, args.weights, args.seed, args.docs_per_shard, args.val_every)
-            failed = []
-        elif args.command == "synthetic":
-            build_synthetic(args.num_shards, args.seed, args.force)
-            failed = []
-        elif args.command == "verify":
-            train, _ = list_shards(args.name, check_sha256=True)
-            print(f"{dataset_dir(args.name)}: {len(train)} train shard(s) and the val shard match their manifest")
-            failed = []
-        else:
-            download_eval_bundle()
-            failed = []
-    except (UserError, DownloadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 1 if failed else 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # the CLI moved up to scripts/ (it builds the synthetic world, which lives in tasks/world/)
+    print("error: `python -m nanopipe.dataset` moved: run `python -m scripts.dataset " + " ".join(sys.argv[1:])
+          + "` instead", file=sys.stderr)
+    sys.exit(2)

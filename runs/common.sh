@@ -121,16 +121,16 @@ data_and_tokenizer_steps() {  # FineWeb-Edu, the tokenizer, the CORE bundle, the
     data_pid=
     trap stop_download EXIT
     trap 'exit 130' INT TERM
-    step data_head "$PY" -m nanopipe.dataset download fineweb-edu --num-shards $((NUM_SHARDS < 8 ? NUM_SHARDS : 8))
+    step data_head "$PY" -m scripts.dataset download fineweb-edu --num-shards $((NUM_SHARDS < 8 ? NUM_SHARDS : 8))
     if [ "$NUM_SHARDS" -gt 8 ] && [ ! -f "$RUN_DIR/data.done" ]; then
-        step data "$PY" -m nanopipe.dataset download fineweb-edu --num-shards "$NUM_SHARDS" &
+        step data "$PY" -m scripts.dataset download fineweb-edu --num-shards "$NUM_SHARDS" &
         data_pid=$!
     fi
     step tok_train "$PY" -m scripts.tok_train
     step tok_eval "$PY" -m scripts.tok_eval
     # the small downloads too, so that a network problem shows in the first hour rather than after pretraining
-    step eval_bundle "$PY" -m nanopipe.dataset eval-bundle
-    step chat_data "$PY" -m nanopipe.dataset chat-data
+    step eval_bundle "$PY" -m scripts.dataset eval-bundle
+    step chat_data "$PY" -m scripts.dataset chat-data
     if [ -n "$data_pid" ]; then
         echo "== waiting for the FineWeb-Edu download ($NUM_SHARDS shards)"
         wait "$data_pid" || die "the FineWeb-Edu download failed (messages above): rerun this script to resume it"

@@ -39,7 +39,7 @@ start_run "cpu_$TAG" "$TAG"
 echo "nanopipe CPU speedrun: depth $DEPTH, seq $SEQ_LEN, vocab $VOCAB, $BASE_STEPS pretraining + $SFT_STEPS SFT steps"
 echo "base dir: $NANOPIPE_BASE_DIR"
 
-step data        "$PY" -m nanopipe.dataset synthetic
+step data        "$PY" -m scripts.dataset synthetic
 step tok_train   "$PY" -m scripts.tok_train --vocab-size "$VOCAB"
 step tok_eval    "$PY" -m scripts.tok_eval
 step base_train  "$PY" -m scripts.base_train --depth "$DEPTH" --head-dim 64 --max-seq-len "$SEQ_LEN" \

@@ -8,13 +8,14 @@ byte, greedy samples from fixed prompts, and optionally loss/perplexity/bpb on y
     torchrun --nproc_per_node=8 -m scripts.base_eval         # CORE items and bpb batches sharded over ranks
 """
 
-from nanopipe import cli, synthetic
+from nanopipe import cli
 from nanopipe.checkpoint import load_model
 from nanopipe.common import (autocast, autodetect_device, autodetect_dtype, cleanup_distributed,
                              init_distributed, print0)
 from nanopipe.core_eval import evaluate_core
 from nanopipe.dataloader import PretrainLoader
 from nanopipe.dataset import default_data_name, get_eval_bundle_dir
+from tasks.world.facts import sample_prompts
 from nanopipe.engine import SAMPLE_PROMPTS, greedy_samples
 from nanopipe.loss_eval import evaluate_bpb, evaluate_text
 from nanopipe.report import core_label
@@ -96,7 +97,7 @@ def main(argv=None):
 
         if "sample" in args.evals:
             # the synthetic world's model knows nothing about France: ask it about its own world
-            prompts = synthetic.sample_prompts() if data_name == "synthetic" else SAMPLE_PROMPTS
+            prompts = sample_prompts() if data_name == "synthetic" else SAMPLE_PROMPTS
             with amp:
                 samples = greedy_samples(model, tokenizer, prompts)
             for line in samples:

@@ -18,7 +18,7 @@ from pathlib import Path
 from nanopipe.common import UserError, iter_text_lines
 from nanopipe.dataset import chat_data_file
 
-CHAT_DATA_COMMAND = "python -m nanopipe.dataset chat-data"
+CHAT_DATA_COMMAND = "python -m scripts.dataset chat-data"
 
 
 class Task:

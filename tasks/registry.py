@@ -12,7 +12,7 @@ from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spelling import SimpleSpelling, SpellingBee
-from tasks.synthetic import SyntheticSFT, WorldArith, WorldMC, WorldSpell
+from tasks.world.tasks import SyntheticSFT, WorldArith, WorldMC, WorldSpell
 
 # chat_eval: name -> factory. ChatCORE averages over the tasks of a set.
 EVAL_TASKS = {

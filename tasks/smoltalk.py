@@ -33,7 +33,7 @@ class SmolTalk(Task):
             check_conversation(conversation)
         except ValueError as e:
             raise UserError(f"SmolTalk row {index} in {', '.join(map(str, self.paths))} is malformed ({e}): "
-                            f"re-download it with `python -m nanopipe.dataset chat-data --only smoltalk`") from e
+                            f"re-download it with `python -m scripts.dataset chat-data --only smoltalk`") from e
         return conversation
 
     def __iter__(self):  # batched rows: validate() reads all ~460K conversations in seconds, not minutes

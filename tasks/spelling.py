@@ -67,7 +67,7 @@ def load_words(path=None) -> list[str]:
     words = [w for w in words if 3 <= len(w) <= 16 and w.isascii() and w.isalpha()]
     if not words:
         raise UserError(f"{path} has no word of 3-16 letters a-z (one per line): download it again with "
-                        "`python -m nanopipe.dataset chat-data --only words`")
+                        "`python -m scripts.dataset chat-data --only words`")
     return words
 
 

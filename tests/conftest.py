@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from nanopipe.gpt import GPTConfig, build_model, config_from_depth
-from nanopipe.synthetic import generate_documents
 from nanopipe.tokenizer import Tokenizer
+from tasks.world.documents import generate_documents
+from tasks.world.source import build_synthetic
 
 # The tests' models are tiny: one thread avoids the threading overhead that dominates small matmuls (and
 # keeps timings steady when the machine is busy). Subprocesses get the same through OMP_NUM_THREADS=1.
@@ -85,7 +86,7 @@ def chat_world(tmp_path_factory):
         mp.setenv("NANOPIPE_BASE_DIR", str(base))
         mp.setenv("NANOPIPE_REPORT_DIR", str(base / "report"))
         mp.setenv("NANOPIPE_DATA", "synthetic")
-        dataset.build_synthetic(num_shards=2)
+        build_synthetic(num_shards=2)
         docs = (text for text, _ in dataset.iter_documents("synthetic", "train"))
         Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
         base_train.main(["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "128",

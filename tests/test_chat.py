@@ -15,7 +15,8 @@ from nanopipe.common import get_base_dir
 from nanopipe.tokenizer import Tokenizer
 from nanopipe.training import read_log
 from scripts import base_train, chat_cli, chat_eval, chat_sft
-from tasks.synthetic import SyntheticSFT, WorldMC
+from tasks.world.source import build_synthetic
+from tasks.world.tasks import SyntheticSFT, WorldMC
 from tests.conftest import subprocess_env
 
 SFT_FLAGS = ["--device-batch-size", "4", "--val-conversations", "24", "--eval-every", "-1", "--device", "cpu"]
@@ -37,7 +38,7 @@ def world(tmp_path_factory):
         mp.setenv("NANOPIPE_BASE_DIR", str(base))
         mp.setenv("NANOPIPE_REPORT_DIR", str(base / "report"))
         mp.setenv("NANOPIPE_DATA", "synthetic")
-        dataset.build_synthetic(num_shards=2)
+        build_synthetic(num_shards=2)
         docs = (text for text, _ in dataset.iter_documents("synthetic", "train"))
         Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
         run(base_train.main, ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "128",

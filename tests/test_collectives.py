@@ -13,6 +13,7 @@ import torch.distributed as dist
 from nanopipe import dataset
 from nanopipe.common import get_base_dir
 from nanopipe.tokenizer import Tokenizer
+from tasks.world.source import build_synthetic
 from tests.collective_guard import checked_collectives, is_host
 from tests.conftest import subprocess_env
 
@@ -55,7 +56,7 @@ def guarded(log_dir, module, *flags, timeout=300):
 
 
 def test_every_stage_hands_nccl_device_tensors(isolated_dirs, tmp_path):
-    dataset.build_synthetic(num_shards=2)
+    build_synthetic(num_shards=2)
     docs = (text for text, _ in dataset.iter_documents("synthetic", "train"))
     Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
     sites = guarded(tmp_path / "base_train", "scripts.base_train", "--depth", "2", "--aspect-ratio", "32",

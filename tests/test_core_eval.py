@@ -5,11 +5,11 @@ import warnings
 import pytest
 import torch
 
-from nanopipe import synthetic
 from nanopipe.common import UserError
 from nanopipe.core_eval import (centered_accuracy, crop_left, evaluate_core, evaluate_task,
                                 fewshot_indices, find_spans, load_bundle, prepare_task, render_prompts,
                                 select_items)
+from tasks.world.facts import sample_prompts
 from tests.conftest import noisy_gpt
 
 
@@ -217,7 +217,7 @@ def test_over_long_prompts_keep_their_end(tokenizer, tmp_path):
 
 def test_batch_size_does_not_change_results(tokenizer, tmp_path):
     from nanopipe.core_eval import score_sequences
-    from nanopipe.synthetic import core_items
+    from tasks.world.core import core_items
     items = core_items(0)
     tasks = [(label, task_type, f"world/{label}.jsonl", k, None, items[label][:8])
              for label, task_type, k in [("world_facts_mc", "multiple_choice", 3), ("world_facts_schema", "schema", 0),
@@ -236,8 +236,9 @@ def test_batch_size_does_not_change_results(tokenizer, tmp_path):
 
 
 def test_evaluate_core_on_synthetic_world(tokenizer, tmp_path):
-    from nanopipe.synthetic import _write_core_bundle, build_world
-    _write_core_bundle(0, build_world(0), tmp_path)
+    from tasks.world.core import write_core_bundle
+    from tasks.world.facts import build_world
+    write_core_bundle(0, build_world(0), tmp_path)
     model = noisy_gpt(tokenizer, seq_len=256)
     result = evaluate_core(model, tokenizer, tmp_path, "cpu", max_per_task=6, batch_size=8)
     tasks, missing = load_bundle(tmp_path)
@@ -288,9 +289,10 @@ def _ddp_worker(rank, world_size, port, tokenizer_dir, model_path, bundle, out_d
 def test_ddp_two_ranks_match_one_process(tokenizer, tmp_path):
     import socket
     import torch.multiprocessing as mp
-    from nanopipe.synthetic import _write_core_bundle, build_world
+    from tasks.world.core import write_core_bundle
+    from tasks.world.facts import build_world
     bundle = tmp_path / "bundle"
-    _write_core_bundle(0, build_world(0), bundle)
+    write_core_bundle(0, build_world(0), bundle)
     model = noisy_gpt(tokenizer, seq_len=256)
     tokenizer.save(tmp_path / "tok")
     torch.save(model, tmp_path / "model.pt")
@@ -306,7 +308,7 @@ def test_ddp_two_ranks_match_one_process(tokenizer, tmp_path):
 
 def test_shared_prefix_path_matches_full_sequences(tokenizer, tmp_path):
     from nanopipe.core_eval import score_sequences, score_task, score_with_shared_prefix, shared_prefix_len
-    from nanopipe.synthetic import core_items
+    from tasks.world.core import core_items
     items = core_items(0)["world_facts_mc"][:6]
     write_bundle(tmp_path, [("mc", "multiple_choice", "mc.jsonl", 3, None, items)])
     [task], _ = load_bundle(tmp_path)
@@ -331,7 +333,7 @@ def test_base_eval_script_end_to_end(tokenizer, tmp_path, isolated_dirs):
     from pathlib import Path
     from nanopipe.checkpoint import save_checkpoint
     from nanopipe.common import get_base_dir
-    from nanopipe.dataset import build_synthetic
+    from tasks.world.source import build_synthetic
     from scripts import base_eval
     build_synthetic(num_shards=2)
     tokenizer.save(get_base_dir() / "tokenizer")
@@ -345,7 +347,7 @@ def test_base_eval_script_end_to_end(tokenizer, tmp_path, isolated_dirs):
     assert data["core_tasks"] == data["core_tasks_total"] == len(data["tasks"]) == 5
     assert all(t["n"] == 4 for t in data["tasks"].values())
     assert set(data["bpb"]) == {"train", "val"} and all(0 < v < 20 for v in data["bpb"].values())
-    prompts = synthetic.sample_prompts()  # the synthetic world's model is asked about its own world
+    prompts = sample_prompts()  # the synthetic world's model is asked about its own world
     assert len(data["samples"]) == len(prompts)
     assert all(sample.startswith(prompt) for sample, prompt in zip(data["samples"], prompts))
     assert list(data["text"])[0] == "bpb" and data["text"]["tokens"] > 0

@@ -11,6 +11,9 @@ import pytest
 
 from nanopipe import dataset
 from nanopipe.common import UserError
+from scripts import dataset as dataset_cli
+from tasks.world.documents import generate_documents
+from tasks.world.source import DOCS_PER_SHARD
 from tests.conftest import subprocess_env
 
 
@@ -82,9 +85,9 @@ def test_exact_resume_from_any_position_across_epochs(base):
 
 
 def test_missing_corrupt_and_empty_shards_are_user_errors(base):
-    with pytest.raises(UserError, match="python -m nanopipe.dataset download fineweb-edu"):
+    with pytest.raises(UserError, match="python -m scripts.dataset download fineweb-edu"):
         dataset.list_shards("fineweb-edu")
-    with pytest.raises(UserError, match="python -m nanopipe.dataset synthetic"):
+    with pytest.raises(UserError, match="python -m scripts.dataset synthetic"):
         dataset.iter_documents("synthetic").__next__()
     make_dataset("toy", 2500, 1000, 300)
     folder = base / "data" / "toy"
@@ -98,9 +101,9 @@ def test_missing_corrupt_and_empty_shards_are_user_errors(base):
     assert dataset.list_shards("toy")[1].name == "shard_00002.parquet"
     with pytest.raises(UserError, match=f"shard {corrupt} does not match the sha256"):
         dataset.list_shards("toy", check_sha256=True)
-    assert dataset.main(["verify", "toy"]) == 2
+    assert dataset_cli.main(["verify", "toy"]) == 2
     corrupt.write_bytes(good)
-    assert dataset.main(["verify", "toy"]) == 0
+    assert dataset_cli.main(["verify", "toy"]) == 0
     # a bad parquet file (e.g. a local input) is still named by open_shard
     bad = base / "bad.parquet"
     bad.write_bytes(good[:-100])
@@ -131,7 +134,7 @@ def test_a_dataset_is_read_only_through_its_manifest(base):
     assert len(dataset.list_shards("toy")[0]) == 2
     # a dataset without its manifest (an interrupted build of an older nanopipe) is refused with the rebuild
     (folder / "manifest.json").unlink()
-    with pytest.raises(UserError, match="shards but no manifest.json.*`python -m nanopipe.dataset local --name toy"):
+    with pytest.raises(UserError, match="shards but no manifest.json.*`python -m scripts.dataset local --name toy"):
         dataset.list_shards("toy")
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(UserError, match=f"unreadable manifest {folder / 'manifest.json'}"):
@@ -145,7 +148,7 @@ def test_a_download_without_its_val_shard_is_refused_with_the_download_command(b
     for i in range(3):
         pq.write_table(pa.table({"text": [doc(j) for j in range(10)]}), folder / f"shard_{i:05d}.parquet")
     dataset.update_download_manifest(folder, {"kind": "download"}, "shard_01822.parquet")
-    with pytest.raises(UserError, match="lacks its val shard shard_01822.parquet: run `python -m nanopipe.dataset "
+    with pytest.raises(UserError, match="lacks its val shard shard_01822.parquet: run `python -m scripts.dataset "
                                         "download fineweb-edu --num-shards 4`"):
         dataset.list_shards("fineweb-edu")
     manifest = json.loads((folder / "manifest.json").read_text())
@@ -184,7 +187,7 @@ def all_texts(name):
 
 def test_local_reads_txt_md_jsonl_parquet(base, tmp_path):
     paths = write_local_sources(tmp_path / "src")
-    assert dataset.main(["local", "--name", "mine", *map(str, paths), "--docs-per-shard", "200", "--val-every", "10"]) == 0
+    assert dataset_cli.main(["local", "--name", "mine", *map(str, paths), "--docs-per-shard", "200", "--val-every", "10"]) == 0
     train, val = all_texts("mine")
     expected = ["# notes\n\nmarkdown is one document too\n"] + [f"book {i}\n\nsecond paragraph of book {i}\n" for i in range(30)]
     expected += [f"web {i}" for i in range(300)] + [f"pq {i}" for i in range(500)]
@@ -225,23 +228,22 @@ def test_local_input_errors(base, tmp_path):
     one.write_text("a single document")
     with pytest.raises(UserError, match="need at least 2"):
         dataset.build_local("bad", [one])
-    assert dataset.main(["local", "--name", "synthetic", str(one)]) == 2
+    assert dataset_cli.main(["local", "--name", "synthetic", str(one)]) == 2
 
 
 def test_synthetic_is_deterministic_and_skips_when_built(base, capsys):
-    assert dataset.main(["synthetic", "--num-shards", "2", "--seed", "3"]) == 0
+    assert dataset_cli.main(["synthetic", "--num-shards", "2", "--seed", "3"]) == 0
     out = base / "data" / "synthetic"
     first = {p.name: p.read_bytes() for p in out.glob("*.*")}
     assert sorted(first) == ["manifest.json", "shard_00000.parquet", "shard_00001.parquet"]
     assert (out / "eval_bundle" / "core.yaml").exists()
     assert dataset.get_eval_bundle_dir("synthetic") == out / "eval_bundle"
-    assert dataset.main(["synthetic", "--num-shards", "2", "--seed", "3"]) == 0
+    assert dataset_cli.main(["synthetic", "--num-shards", "2", "--seed", "3"]) == 0
     assert "already holds" in capsys.readouterr().out
-    assert dataset.main(["synthetic", "--num-shards", "2", "--seed", "3", "--force"]) == 0
+    assert dataset_cli.main(["synthetic", "--num-shards", "2", "--seed", "3", "--force"]) == 0
     assert {p.name: p.read_bytes() for p in out.glob("*.*")} == first
     texts = [t for t, _ in dataset.iter_documents("synthetic", "train")]
-    from nanopipe import synthetic
-    assert texts == list(synthetic.generate_documents(3, synthetic.DOCS_PER_SHARD))
+    assert texts == list(generate_documents(3, DOCS_PER_SHARD))
 
 
 @pytest.mark.slow

@@ -112,9 +112,9 @@ def test_dataset_build_on_a_full_disk_leaves_the_previous_dataset(tmp_path, tmpf
              "sorted(os.listdir(val.parent.parent)))")
     result = tmpfs(mnt, f"""
 export NANOPIPE_BASE_DIR={mnt}/base
-{PY} -m nanopipe.dataset local --name mine {small} --val-every 10
+{PY} -m scripts.dataset local --name mine {small} --val-every 10
 limit 1500000
-{PY} -m nanopipe.dataset local --name mine {big} && exit 99 || echo "EXIT $?"
+{PY} -m scripts.dataset local --name mine {big} && exit 99 || echo "EXIT $?"
 {PY} -c "{check}"
 """)
     assert "EXIT 2" in result.stdout, result.stdout + result.stderr

@@ -28,6 +28,7 @@ import pytest
 from nanopipe import dataset
 from nanopipe.common import UserError
 from nanopipe.download import DownloadError, DownloadJob, HubFile, download_file, download_hub_file, download_many
+from scripts import dataset as dataset_cli
 from tests.conftest import subprocess_env
 
 FAST = dict(backoff=0.0, timeout=5.0)  # no sleeping between retries in tests
@@ -315,10 +316,10 @@ def test_download_pretrain_hf_layout(server, base, monkeypatch):
 
     # a rerun over the shards that exist downloads nothing and asks nothing
     n = len(hub_requests(server))
-    assert dataset.main(["download", "fineweb-edu", "--num-shards", "4"]) == 0
+    assert dataset_cli.main(["download", "fineweb-edu", "--num-shards", "4"]) == 0
     assert len(hub_requests(server)) == n
     # adding shards later keeps the recorded commit; another --revision is refused
-    assert dataset.main(["download", "fineweb-edu", "--num-shards", "4", "--revision", "v2"]) == 2
+    assert dataset_cli.main(["download", "fineweb-edu", "--num-shards", "4", "--revision", "v2"]) == 2
 
 
 def test_chat_data_and_eval_bundle(server, base, monkeypatch):
@@ -331,7 +332,7 @@ def test_chat_data_and_eval_bundle(server, base, monkeypatch):
     monkeypatch.setenv("NANOPIPE_WORDS_URL", server.url("/words.txt"))
     server.faults[f"/datasets/openai/gsm8k/resolve/{REPO_SHA}/main/test-00000-of-00001.parquet"] = ["corrupt", "500"]
 
-    assert dataset.main(["chat-data", "--only", "gsm8k,identity,words"]) == 0
+    assert dataset_cli.main(["chat-data", "--only", "gsm8k,identity,words"]) == 0
     test_file = dataset.chat_data_file("gsm8k", "main/test-00000-of-00001.parquet")
     assert pq.read_table(test_file).column(0).to_pylist() == ["gsm8k main/test-00000-of-00001.parquet"]
     assert dataset.chat_data_file("words", "words_alpha.txt").read_text() == "aardvark\nbee\n"
@@ -344,7 +345,7 @@ def test_chat_data_and_eval_bundle(server, base, monkeypatch):
     hub_paths = [path for _, path, _ in hub_requests(server) if path.startswith(("/api/", "/datasets/"))]
     assert all(f"/resolve/{REPO_SHA}/" in p or p.endswith("/revision/main") for p in hub_paths)
 
-    with pytest.raises(UserError, match="nanopipe.dataset eval-bundle"):
+    with pytest.raises(UserError, match="scripts.dataset eval-bundle"):
         dataset.get_eval_bundle_dir("fineweb-edu")
     zbuf = io.BytesIO()
     with zipfile.ZipFile(zbuf, "w") as z:
@@ -354,12 +355,12 @@ def test_chat_data_and_eval_bundle(server, base, monkeypatch):
     server.files["/eval_bundle.zip"] = zbuf.getvalue()
     server.faults["/eval_bundle.zip"] = ["corrupt"]
     monkeypatch.setenv("NANOPIPE_EVAL_BUNDLE_URL", server.url("/eval_bundle.zip"))
-    assert dataset.main(["eval-bundle"]) == 0
+    assert dataset_cli.main(["eval-bundle"]) == 0
     bundle = dataset.get_eval_bundle_dir("fineweb-edu")
     assert bundle == base / "eval_bundle" and (bundle / "eval_data/world/x.jsonl").read_text() == "{}\n"
     assert sorted(p.name for p in base.iterdir()) == ["chat_data", "eval_bundle"]  # no zip or temp dir left
     n = len(server.log)
-    assert dataset.main(["eval-bundle"]) == 0 and len(server.log) == n
+    assert dataset_cli.main(["eval-bundle"]) == 0 and len(server.log) == n
     monkeypatch.setenv("NANOPIPE_EVAL_BUNDLE", str(base / "elsewhere"))
     with pytest.raises(UserError, match="NANOPIPE_EVAL_BUNDLE"):
         dataset.get_eval_bundle_dir("fineweb-edu")
@@ -472,10 +473,10 @@ def test_hub_offline_makes_no_request(server, base):
     prefix = f"/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/{REPO_SHA}"
     for i in (0, 1, 1822):
         server.files[f"{prefix}/shard_{i:05d}.parquet"] = parquet_bytes([f"shard {i} doc {j}" for j in range(50)])
-    assert dataset.main(["download", "fineweb-edu", "--num-shards", "3"]) == 0
+    assert dataset_cli.main(["download", "fineweb-edu", "--num-shards", "3"]) == 0
     n = len(hub_requests(server))
     env = subprocess_env(NANOPIPE_BASE_DIR=base, HF_ENDPOINT=server.endpoint, HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "nanopipe.dataset", "download", "fineweb-edu", "--num-shards", "3"]
+    command = [sys.executable, "-m", "scripts.dataset", "download", "fineweb-edu", "--num-shards", "3"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     (base / "data" / "fineweb-edu" / "shard_00001.parquet").unlink()
@@ -490,7 +491,7 @@ def test_pinned_revision_is_used_as_given(server, base):
     prefix = f"/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/{other}"
     for i in (0, 1822):
         server.files[f"{prefix}/shard_{i:05d}.parquet"] = parquet_bytes([f"shard {i}"])
-    assert dataset.main(["download", "fineweb-edu", "--num-shards", "2", "--revision", other]) == 0
+    assert dataset_cli.main(["download", "fineweb-edu", "--num-shards", "2", "--revision", other]) == 0
     paths = [path for _, path, _ in hub_requests(server)]
     assert paths and all(f"/resolve/{other}/" in p for p in paths)
     assert json.loads((base / "data" / "fineweb-edu" / "manifest.json").read_text())["source"]["revision"] == other

@@ -145,4 +145,4 @@ def test_a_damaged_dataset_is_refused_before_anything_reads_it(base, capsys, how
     before = snapshot(base, base.parent / "report")
     code, err = run_main(tok_train.main, ["--vocab-size", "300", "--data", "toy"], capsys)
     line = assert_refused(code, err, culprit, before, snapshot(base, base.parent / "report"))
-    assert "python -m nanopipe.dataset local --name toy" in line
+    assert "python -m scripts.dataset local --name toy" in line

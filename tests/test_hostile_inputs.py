@@ -20,6 +20,8 @@ from nanopipe import dataset, report
 from nanopipe.common import get_base_dir
 from nanopipe.tokenizer import Tokenizer
 from scripts import base_eval, base_train, chat_cli, chat_eval, chat_serve, chat_sft, export, tok_eval, tok_train
+from scripts import dataset as dataset_cli
+from tasks.world.source import build_synthetic
 from tests.conftest import subprocess_env
 
 TINY_BASE = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
@@ -37,7 +39,7 @@ def world(tmp_path_factory):
         mp.setenv("NANOPIPE_BASE_DIR", str(base))
         mp.setenv("NANOPIPE_REPORT_DIR", str(base / "report"))
         mp.setenv("NANOPIPE_DATA", "synthetic")
-        dataset.build_synthetic(num_shards=2)
+        build_synthetic(num_shards=2)
         docs = (text for text, _ in dataset.iter_documents("synthetic", "train"))
         Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
         base_train.main([*TINY_BASE, "--model-tag", "d2"])
@@ -86,7 +88,7 @@ def refuse(main, argv, culprit, root, capsys):
 
 MAINS = {"base_train": base_train.main, "chat_sft": chat_sft.main, "chat_eval": chat_eval.main,
          "chat_cli": chat_cli.main, "base_eval": base_eval.main, "tok_train": tok_train.main,
-         "tok_eval": tok_eval.main, "dataset": dataset.main, "report": report.main, "export": export.main,
+         "tok_eval": tok_eval.main, "dataset": dataset_cli.main, "report": report.main, "export": export.main,
          "chat_serve": chat_serve.main}
 
 # (stage, argv, the text the error line must contain)
@@ -189,7 +191,7 @@ def test_tags_never_leave_the_base_dir(base, capsys, stage, tag):
 def test_dataset_names_never_leave_the_base_dir(base, capsys, name):
     (base.parent / "a.txt").write_text("some text " * 20)
     refuse(tok_train.main, ["--data", name], "--data", base.parent, capsys)
-    refuse(dataset.main, ["local", "--name", name, "a.txt"], "--name", base.parent, capsys)
+    refuse(dataset_cli.main, ["local", "--name", name, "a.txt"], "--name", base.parent, capsys)
 
 
 def test_dataset_name_from_the_environment_is_checked(base, capsys, monkeypatch):
@@ -200,7 +202,7 @@ def test_dataset_name_from_the_environment_is_checked(base, capsys, monkeypatch)
 @pytest.mark.parametrize("argv,culprit", [
     (["scripts.base_train", "--depth", "0"], "--depth"),
     (["scripts.chat_sft", "--num-epochs", "-1"], "--num-epochs"),
-    (["nanopipe.dataset", "local", "--name", "x", "a", "b", "--weights", "inf,1"], "--weights"),
+    (["scripts.dataset", "local", "--name", "x", "a", "b", "--weights", "inf,1"], "--weights"),
     (["scripts.base_train", *TINY_BASE, "--model-tag", "../../x"], "--model-tag"),
 ])
 def test_bad_flags_in_a_real_process(base, argv, culprit):
@@ -258,7 +260,7 @@ def test_bad_local_data_file(base, capsys, files, culprit):
             pq.write_table(content, folder / name)
         else:
             write(folder / name, content)
-    refuse(dataset.main, ["local", "--name", "mine", str(folder)], culprit, base.parent, capsys)
+    refuse(dataset_cli.main, ["local", "--name", "mine", str(folder)], culprit, base.parent, capsys)
 
 
 def test_pretraining_shard_with_a_non_text_column(base, capsys):

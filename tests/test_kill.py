@@ -22,6 +22,7 @@ from nanopipe.common import UserError, get_base_dir
 from nanopipe.tokenizer import Tokenizer
 from nanopipe.training import read_log
 from scripts import base_train
+from tasks.world.source import build_synthetic
 from tests.conftest import subprocess_env
 
 BASE_FLAGS = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
@@ -42,7 +43,7 @@ def world(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOPIPE_BASE_DIR", str(base))
         mp.setenv("NANOPIPE_REPORT_DIR", str(base.parent / "report"))
-        dataset.build_synthetic(num_shards=2)
+        build_synthetic(num_shards=2)
         docs = (text for text, _ in dataset.iter_documents("synthetic", "train"))
         Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
         threads = torch.get_num_threads()
@@ -125,7 +126,7 @@ def visible_dataset(base, name, monkeypatch):
 
 def check_dataset_local(tmp_path, kills, monkeypatch):
     sources = _local_sources(tmp_path / "src")
-    cmd = [sys.executable, "-m", "nanopipe.dataset", "local", "--name", "mine", str(sources),
+    cmd = [sys.executable, "-m", "scripts.dataset", "local", "--name", "mine", str(sources),
            "--docs-per-shard", "2000"]
     reference_base = tmp_path / "reference"
     seconds, result = run(cmd, reference_base)

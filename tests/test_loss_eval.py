@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from nanopipe.common import UserError
 from nanopipe.loss_eval import evaluate_bpb, evaluate_text, text_windows
-from nanopipe.synthetic import generate_documents
+from tasks.world.documents import generate_documents
 from tests.conftest import noisy_gpt
 
 

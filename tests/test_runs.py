@@ -84,11 +84,11 @@ def test_dry_run_prints_every_stage_in_order_and_writes_nothing(tools):
     assert "--depth 12 --max-seq-len 1024 --device-batch-size 64 --model-tag d12 --compile --dry-run" in s["plan"]
     assert s["plan"].endswith("-m scripts.base_train --depth 12 --max-seq-len 1024 --device-batch-size 64 "
                               "--model-tag d12 --compile --dry-run")
-    assert s["data_head"].endswith("-m nanopipe.dataset download fineweb-edu --num-shards 8")
-    assert s["data"].endswith("-m nanopipe.dataset download fineweb-edu --num-shards 28")  # d12's default
+    assert s["data_head"].endswith("-m scripts.dataset download fineweb-edu --num-shards 8")
+    assert s["data"].endswith("-m scripts.dataset download fineweb-edu --num-shards 28")  # d12's default
     assert s["tok_train"].endswith("-m scripts.tok_train") and s["tok_eval"].endswith("-m scripts.tok_eval")
-    assert s["eval_bundle"].endswith("-m nanopipe.dataset eval-bundle")
-    assert s["chat_data"].endswith("-m nanopipe.dataset chat-data")
+    assert s["eval_bundle"].endswith("-m scripts.dataset eval-bundle")
+    assert s["chat_data"].endswith("-m scripts.dataset chat-data")
     assert "--depth 12 --max-seq-len 1024 --device-batch-size 64 --model-tag d12 --compile" in s["base_train"]
     assert s["base_train"].endswith("--resume") and "--save-every 200" in s["base_train"]
     assert s["base_eval"].endswith("-m scripts.base_eval --model-tag d12 --device-batch-size 16")

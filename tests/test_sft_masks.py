@@ -5,12 +5,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanopipe import synthetic
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spelling import SimpleSpelling, SpellingBee
+from tasks.world.chat import chat_datasets
 
 WORDS = ["banana", "strawberry", "committee", "bookkeeper", "mississippi", "apple", "letter", "balloon"]
 
@@ -55,7 +55,7 @@ def check_mask(tokenizer, conversation):
 
 
 def test_synthetic_sft_masks(tokenizer):
-    rows = synthetic.chat_datasets(0)["sft_train"][:300]
+    rows = chat_datasets(0)["sft_train"][:300]
     outputs = [check_mask(tokenizer, conv) for conv in rows]
     assert sum(bool(o) for o in outputs) > 20  # the sample includes calculator conversations
 
@@ -91,7 +91,7 @@ def test_smoltalk_mmlu_customjson_masks(tokenizer, tmp_path):
 
 
 def test_mask_check_catches_a_wrong_mask(tokenizer):
-    conv = synthetic.chat_datasets(0)["sft_train"][0]
+    conv = chat_datasets(0)["sft_train"][0]
     original = tokenizer.render_conversation
     try:
         tokenizer.render_conversation = lambda c, max_tokens: (original(c, max_tokens)[0],

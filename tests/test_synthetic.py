@@ -5,9 +5,10 @@ import re
 import pytest
 import yaml
 
-from nanopipe import synthetic
 from nanopipe.core_eval import load_bundle
 from tasks.common import check_conversation, last_number
+from tasks.world.documents import generate_documents
+from tasks.world.source import DOCS_PER_SHARD, write_extras
 
 
 def read_jsonl(path):
@@ -22,13 +23,13 @@ def all_files(root):
 @pytest.fixture(scope="module")
 def extras(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
-    synthetic.write_extras(0, out)
+    write_extras(0, out)
     return out
 
 
 @pytest.fixture(scope="module")
 def first_shard_text():
-    return "\n".join(synthetic.generate_documents(0, synthetic.DOCS_PER_SHARD))
+    return "\n".join(generate_documents(0, DOCS_PER_SHARD))
 
 
 def chat_rows(extras, stem):
@@ -40,17 +41,17 @@ def user_texts(rows):
 
 
 def test_documents_are_deterministic_and_prefix_stable():
-    docs = list(synthetic.generate_documents(0, 300))
-    assert docs == list(synthetic.generate_documents(0, 300))
-    assert docs[:120] == list(synthetic.generate_documents(0, 120))
-    other = list(synthetic.generate_documents(1, 300))
+    docs = list(generate_documents(0, 300))
+    assert docs == list(generate_documents(0, 300))
+    assert docs[:120] == list(generate_documents(0, 120))
+    other = list(generate_documents(1, 300))
     assert other != docs and len(set(other) & set(docs)) < 30  # a different world, not a reshuffle
     assert all(isinstance(d, str) and len(d) > 40 for d in docs)
 
 
 def test_extras_are_byte_identical_for_a_seed_and_differ_across_seeds(extras, tmp_path):
-    synthetic.write_extras(0, tmp_path / "again")
-    synthetic.write_extras(1, tmp_path / "other")
+    write_extras(0, tmp_path / "again")
+    write_extras(1, tmp_path / "other")
     first, again, other = all_files(extras), all_files(tmp_path / "again"), all_files(tmp_path / "other")
     assert first == again
     assert set(other) == set(first)

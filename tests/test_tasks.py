@@ -5,7 +5,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanopipe import synthetic
 from nanopipe.common import UserError
 from nanopipe.dataset import dataset_dir
 from nanopipe.execution import calculate
@@ -17,7 +16,9 @@ from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spelling import SimpleSpelling, SpellingBee, load_words
-from tasks.synthetic import SyntheticSFT, WorldArith, WorldMC, WorldSpell
+from tasks.world.chat import SFT_TRAIN_SIZE, SFT_VAL_SIZE
+from tasks.world.source import write_extras
+from tasks.world.tasks import SyntheticSFT, WorldArith, WorldMC, WorldSpell
 
 NATALIA = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
                        "How many clips did Natalia sell altogether in April and May?",
@@ -134,7 +135,7 @@ def test_gsm8k_annotations_become_tool_calls():
 
 
 def test_gsm8k_from_default_parquet_path_and_scoring(isolated_dirs):
-    with pytest.raises(UserError, match=r"gsm8k.*python -m nanopipe.dataset chat-data"):
+    with pytest.raises(UserError, match=r"gsm8k.*python -m scripts.dataset chat-data"):
         GSM8K("test")
     write_parquet(isolated_dirs / "chat_data/gsm8k/main/test-00000-of-00001.parquet",
                   [NATALIA, {"question": "What is 6 times 7?", "answer": "6*7 = <<6*7=42>>42\n#### 42"}])
@@ -272,11 +273,11 @@ def test_spelling_tasks(isolated_dirs):
 # the synthetic world's chat tasks
 
 def test_synthetic_chat_tasks(isolated_dirs):
-    with pytest.raises(UserError, match="python -m nanopipe.dataset synthetic"):
+    with pytest.raises(UserError, match="python -m scripts.dataset synthetic"):
         WorldMC()
-    synthetic.write_extras(0, dataset_dir("synthetic"))
+    write_extras(0, dataset_dir("synthetic"))
     sft = SyntheticSFT("train")
-    assert len(sft) == synthetic.SFT_TRAIN_SIZE and len(SyntheticSFT("val")) == synthetic.SFT_VAL_SIZE
+    assert len(sft) == SFT_TRAIN_SIZE and len(SyntheticSFT("val")) == SFT_VAL_SIZE
     mc = WorldMC()
     assert mc.eval_type == "categorical" and mc.baseline == 0.25
     assert mc.evaluate(mc[0], mc[0]["answer"]) and mc[0]["letters"] == ["A", "B", "C", "D"]

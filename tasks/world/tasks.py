@@ -1,5 +1,5 @@
 """
-The synthetic world's chat data (nanopipe/synthetic.py writes it under <base>/data/synthetic/chat/):
+The synthetic world's chat data (tasks/world/source.py writes it under <base>/data/synthetic/chat/):
 SFT conversations and three chat-eval tasks whose questions are held out of the SFT files.
 
 - SyntheticSFT("train" | "val"): world questions, calculator arithmetic, letter counting, spelling, identity.
@@ -12,7 +12,7 @@ from pathlib import Path
 from nanopipe.dataset import dataset_dir
 from tasks.common import JsonlRows, Task, last_number, require_file, same_number
 
-MAKE_COMMAND = "run `python -m nanopipe.dataset synthetic` first"
+MAKE_COMMAND = "run `python -m scripts.dataset synthetic` first"
 
 
 class _SyntheticChat(Task):
@@ -70,5 +70,3 @@ class WorldSpell(_LastNumberTask):
     name = "world_spell"
     stem = "eval_world_spell"
 
-
-EVAL_TASKS = {task.name: task for task in (WorldMC, WorldArith, WorldSpell)}
