@@ -64,7 +64,7 @@ def main():
           f"{args.new_tokens} new tokens; torch threads {torch.get_num_threads()}")
 
     engine.generate_batch(prompt, max_tokens=4, temperature=0.0)  # warm up
-    (cached, _), t_cached = timed(lambda: engine.generate_batch(prompt, max_tokens=args.new_tokens, temperature=0.0))
+    cached, t_cached = timed(lambda: engine.generate_batch(prompt, max_tokens=args.new_tokens, temperature=0.0))
     naive, t_naive = timed(lambda: greedy_without_cache(model, prompt, args.new_tokens))
     assert cached[0][len(prompt):] == naive, "KV-cache generation differs from recomputation"
     print(f"greedy, {args.new_tokens} tokens: no cache {t_naive:.2f}s, KV cache {t_cached:.2f}s "
@@ -73,7 +73,7 @@ def main():
     n = args.samples
     _, t_separate = timed(lambda: [engine.generate_batch(prompt, max_tokens=args.new_tokens, temperature=1.0, seed=s)
                                    for s in range(n)])
-    (rows, _), t_shared = timed(lambda: engine.generate_batch(prompt, num_samples=n, max_tokens=args.new_tokens,
+    rows, t_shared = timed(lambda: engine.generate_batch(prompt, num_samples=n, max_tokens=args.new_tokens,
                                                               temperature=1.0, seed=0))
     assert all(len(r) == len(prompt) + args.new_tokens for r in rows)
     print(f"{n} samples: {n} separate calls {t_separate:.2f}s, one batched call {t_shared:.2f}s "

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from nanopipe.common import get_dist_info, is_rank0
-from nanopipe.engine import Engine
+from nanopipe.core_eval import centered
+from nanopipe.engine import TOOL_MARKS, Engine
 from nanopipe.tokenizer import SPECIAL_TOKENS
 
 
@@ -63,7 +64,7 @@ def _single_token(tokenizer, letter: str) -> int:
 
 
 def render_completion(tokenizer, tokens: list[int]) -> str:
-    """A completion as text with its tool calls visible: `<<expr=result>>` style, readable in a transcript."""
+    """A completion as text with its tool calls marked as the chat shows them, readable in a transcript."""
     special = {tokenizer.encode_special(name): name for name in
                ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")}
     out, chunk = [], []
@@ -71,8 +72,7 @@ def render_completion(tokenizer, tokens: list[int]) -> str:
         if token in special:
             out.append(tokenizer.decode(chunk))
             chunk = []
-            out.append({"<|python_start|>": "⟦calc: ", "<|python_end|>": "", "<|output_start|>": " → ",
-                        "<|output_end|>": "⟧"}[special[token]])
+            out.append(TOOL_MARKS[special[token]])
         else:
             chunk.append(token)
     out.append(tokenizer.decode(chunk))
@@ -94,7 +94,7 @@ def evaluate_generative(model, tokenizer, task, num_samples: int = 1, max_new_to
         item = task[i]
         prompt = _prompt(tokenizer, item)
         max_tokens = max(1, min(max_new_tokens, model.config.sequence_len - len(prompt)))
-        sequences, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_tokens,
+        sequences = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_tokens,
                                              temperature=temperature, top_k=top_k, seed=i)
         completions = [seq[len(prompt):] for seq in sequences]
         # special tokens carry no answer text: drop them before the task scores the completion
@@ -109,10 +109,6 @@ def evaluate_generative(model, tokenizer, task, num_samples: int = 1, max_new_to
                                 "completion": render_completion(tokenizer, completions[0]), "passed": passed})
     correct, total, tool_calls = _sum_across_ranks(model.lm_head.weight.device, correct, len(indices), tool_calls)
     return {"correct": correct, "n": total, "used_tool": tool_calls}
-
-
-def centered(accuracy: float, baseline: float) -> float:
-    return (accuracy - baseline) / (1.0 - baseline)
 
 
 def chatcore(results: dict) -> float | None:

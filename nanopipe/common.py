@@ -6,7 +6,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -363,12 +362,6 @@ def format_duration(seconds: float) -> str:
 
 def debug_enabled() -> bool:
     return os.environ.get("NANOPIPE_DEBUG", "") not in ("", "0")
-
-
-def fail(message: str, code: int = 2):
-    """Print one error line and exit: the uniform ending for a user-fixable problem."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def autocast(device: str, dtype: torch.dtype):

@@ -388,9 +388,10 @@ def evaluate_task(model, tokenizer, task: CoreTask, device, max_per_task: int = 
     return correct, len(items)
 
 
-def centered_accuracy(accuracy: float, random_baseline_percent: float) -> float:
-    b = random_baseline_percent / 100.0
-    return (accuracy - b) / (1.0 - b)
+def centered(accuracy: float, baseline: float) -> float:
+    """Accuracy rescaled so that chance (`baseline`, a fraction) is 0 and a perfect score 1: CORE and ChatCORE
+    are means of it."""
+    return (accuracy - baseline) / (1.0 - baseline)
 
 
 def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task: int = -1, batch_size: int = 16,
@@ -414,7 +415,7 @@ def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task: int = -1, 
         accuracy = correct / n
         results[task.label] = {
             "accuracy": accuracy,
-            "centered": centered_accuracy(accuracy, task.random_baseline),
+            "centered": centered(accuracy, task.random_baseline / 100.0),  # the bundle gives percent
             "random_baseline": task.random_baseline,
             "n": n,
             "seconds": time.perf_counter() - t0,

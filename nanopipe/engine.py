@@ -136,17 +136,15 @@ class Engine:
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1, max_tokens: int | None = None,
                        temperature: float = 1.0, top_k: int | None = None, seed: int = 42):
-        """Run generate() to the end: (sequences, masks) per row, each the prompt plus the generated tokens
-        (the stop token excluded); masks are 1 for sampled tokens, 0 for prompt and forced tokens."""
+        """Run generate() to the end: one sequence per row, the prompt plus the generated tokens (the stop
+        token excluded)."""
         sequences = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
         for step in self.generate(tokens, num_samples, max_tokens, temperature, top_k, seed):
-            for i, (token, forced) in enumerate(step):
+            for i, (token, _) in enumerate(step):
                 if token is None or token in self.stop_tokens:
                     continue
                 sequences[i].append(token)
-                masks[i].append(0 if forced else 1)
-        return sequences, masks
+        return sequences
 
 
 def greedy_samples(model, tokenizer, prompts: list[str], max_tokens: int = 16) -> list[str]:
@@ -156,7 +154,7 @@ def greedy_samples(model, tokenizer, prompts: list[str], max_tokens: int = 16) -
     samples = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt, prepend=tokenizer.bos_token_id)
-        sequences, _ = engine.generate_batch(ids, max_tokens=max_tokens, temperature=0.0)
+        sequences = engine.generate_batch(ids, max_tokens=max_tokens, temperature=0.0)
         samples.append(tokenizer.decode(sequences[0][1:]))  # the prompt and the continuation, without <|bos|>
     return samples
 

@@ -157,7 +157,7 @@ def model_card(meta: dict, kind: str, sections: dict) -> str:
     seconds = sum(s.get("seconds") or 0 for s in sections.values())
     if seconds:
         rows.append(("pipeline wall time", format_duration(seconds)))
-    table = "\n".join(f"| {k} | {report._fmt(v)} |" for k, v in rows)
+    table = "\n".join(f"| {k} | {report.fmt(v)} |" for k, v in rows)
     return f"""---
 library_name: transformers
 tags: [nanopipe, text-generation]

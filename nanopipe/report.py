@@ -153,7 +153,8 @@ def environment() -> dict:
 DASH = "—"
 
 
-def _fmt(value, digits=4) -> str:
+def fmt(value, digits=4) -> str:
+    """A report table cell: a dash for a missing or NaN value, floats to `digits` places, large ints grouped."""
     if value is None:
         return DASH
     if isinstance(value, float):
@@ -187,8 +188,8 @@ def summary_rows(sections: dict) -> list[tuple[str, str, str]]:
     if val_bpb is None:
         val_bpb = _get(sections, "base_train", "val_bpb")
     rows = [
-        ("val bpb", _fmt(val_bpb), DASH),
-        (core_label(sections.get("base_eval", {}).get("data")), _fmt(_get(sections, "base_eval", "core")), DASH),
+        ("val bpb", fmt(val_bpb), DASH),
+        (core_label(sections.get("base_eval", {}).get("data")), fmt(_get(sections, "base_eval", "core")), DASH),
     ]
     chat_tasks = []
     for stage in ("chat_eval_base", "chat_eval_sft"):
@@ -196,17 +197,17 @@ def summary_rows(sections: dict) -> list[tuple[str, str, str]]:
             if name not in chat_tasks:
                 chat_tasks.append(name)
     for name in chat_tasks:
-        rows.append((name, _fmt(_get(sections, "chat_eval_base", "tasks", name, "accuracy")),
-                     _fmt(_get(sections, "chat_eval_sft", "tasks", name, "accuracy"))))
-    rows.append(("ChatCORE", _fmt(_get(sections, "chat_eval_base", "chatcore")),
-                 _fmt(_get(sections, "chat_eval_sft", "chatcore"))))
-    rows.append(("train loss (final)", _fmt(_get(sections, "base_train", "final_train_loss")),
-                 _fmt(_get(sections, "chat_sft", "train_loss"))))
-    rows.append(("val loss (SFT conversations)", DASH, _fmt(_get(sections, "chat_sft", "val_loss"))))
+        rows.append((name, fmt(_get(sections, "chat_eval_base", "tasks", name, "accuracy")),
+                     fmt(_get(sections, "chat_eval_sft", "tasks", name, "accuracy"))))
+    rows.append(("ChatCORE", fmt(_get(sections, "chat_eval_base", "chatcore")),
+                 fmt(_get(sections, "chat_eval_sft", "chatcore"))))
+    rows.append(("train loss (final)", fmt(_get(sections, "base_train", "final_train_loss")),
+                 fmt(_get(sections, "chat_sft", "train_loss"))))
+    rows.append(("val loss (SFT conversations)", DASH, fmt(_get(sections, "chat_sft", "val_loss"))))
     mfu_base, mfu_sft = _get(sections, "base_train", "mfu"), _get(sections, "chat_sft", "mfu")
-    rows.append(("MFU %", _fmt(mfu_base, 2), _fmt(mfu_sft, 2)))
-    rows.append(("tok/s (training)", _fmt(_round(_get(sections, "base_train", "tok_per_sec"))),
-                 _fmt(_round(_get(sections, "chat_sft", "tok_per_sec")))))
+    rows.append(("MFU %", fmt(mfu_base, 2), fmt(mfu_sft, 2)))
+    rows.append(("tok/s (training)", fmt(_round(_get(sections, "base_train", "tok_per_sec"))),
+                 fmt(_round(_get(sections, "chat_sft", "tok_per_sec")))))
     return rows
 
 
@@ -394,7 +395,7 @@ def generate(dollars_per_hour: float | None = None, folder: Path | None = None) 
     if env["git_commit"]:
         lines.append(f"- git commit: {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''}")
     lines.append(f"- hardware: {env['cpu']} ({env['cpu_count']} cores), "
-                 f"{_fmt(env['ram_gb'], 1)} GB RAM; "
+                 f"{fmt(env['ram_gb'], 1)} GB RAM; "
                  + (", ".join(f"{g['name']} ({g['memory_gb']:.0f} GB)" for g in env["gpus"]) or "no GPU"))
     lines.append(f"- software: Python {env['python']}, torch {env['torch']}, CUDA {env['cuda'] or 'none'}")
     lines.append("")

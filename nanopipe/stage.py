@@ -20,7 +20,7 @@ class Stage:
             raise ValueError(f"unknown stage {name!r}; known: {', '.join(_report.STAGE_TITLES)}")
         self.name = name
         self.args = args
-        self.reports = report
+        self.has_report = report
         self.timer = Timer()
 
     def __enter__(self):
@@ -29,7 +29,7 @@ class Stage:
 
     def report(self, markdown: str, data: dict, series: dict | None = None):
         """Write this stage's report section (rank 0 only); `seconds` is the stage's wall time so far."""
-        if not self.reports:
+        if not self.has_report:
             raise ValueError(f"{self.name} was opened with report=False")
         if not is_rank0():
             return

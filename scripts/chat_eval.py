@@ -12,10 +12,11 @@ synthetic data, the world's held-out tasks (world_mc, world_arith, world_spell).
 import json
 
 from nanopipe import cli
-from nanopipe.chat_eval import centered, chatcore, evaluate_categorical, evaluate_generative
+from nanopipe.chat_eval import chatcore, evaluate_categorical, evaluate_generative
 from nanopipe.checkpoint import load_model
 from nanopipe.common import (UserError, atomic_write_text, autocast, autodetect_device, autodetect_dtype,
                              cleanup_distributed, get_base_dir, init_distributed, print0)
+from nanopipe.core_eval import centered
 from nanopipe.dataset import default_data_name
 from nanopipe.stage import Stage
 from tasks.registry import CODE_TASKS, EVAL_SETS, EVAL_TASKS, TOOL_TASKS

@@ -12,7 +12,6 @@ last --warmdown-ratio of training; no weight decay. Checkpoints go to checkpoint
 """
 
 import argparse
-import math
 
 import torch
 import torch.distributed as dist
@@ -23,6 +22,7 @@ from nanopipe.common import (UserError, autocast, autodetect_device, cleanup_dis
                              get_base_dir, init_distributed, peak_flops, print0, seed_everything)
 from nanopipe.dataset import default_data_name
 from nanopipe.optim import setup_optimizers
+from nanopipe.report import fmt
 from nanopipe.sft_data import SFTLoader
 from nanopipe.stage import Stage
 from nanopipe.train_step import Prefetcher, StepClock, StepProgress, TrainStep, training_dtype, wrap_model
@@ -262,18 +262,14 @@ def train(args, stage):
              "| task | epochs | conversations |", "|---|---|---|"]
     lines += [f"| {name} | {epochs:g} | {rows:,} |" for name, epochs, rows in table]
     lines += ["", "| metric | value |", "|---|---|",
-              f"| final train loss | {_fmt(data['train_loss'])} |",
-              f"| val loss (held-out conversations) | {_fmt(data['initial_val_loss'])} before, "
-              f"{_fmt(data['val_loss'])} after |",
-              f"| tok/s | {_fmt(tok_per_sec, 0)} |", f"| train time | {format_duration(loop['train_seconds'])} |"]
+              f"| final train loss | {fmt(data['train_loss'])} |",
+              f"| val loss (held-out conversations) | {fmt(data['initial_val_loss'])} before, "
+              f"{fmt(data['val_loss'])} after |",
+              f"| tok/s | {fmt(tok_per_sec, 0)} |", f"| train time | {format_duration(loop['train_seconds'])} |"]
     series = {"sft train loss": series_from_log(records, "loss", "loss (nats/token)"),
               "sft val loss": series_from_log(records, "val_loss", "loss (nats/token)")}
     stage.report("\n".join(lines), data, series)
     cleanup_distributed()
-
-
-def _fmt(value, digits=4) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:,.{digits}f}"
 
 
 if __name__ == "__main__":

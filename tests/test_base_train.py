@@ -21,11 +21,10 @@ from nanopipe.checkpoint import (checkpoint_root, clean_state_dict, find_last_st
 from nanopipe.common import UserError, get_base_dir
 from nanopipe.gpt import build_model, config_from_depth
 from nanopipe.optim import setup_optimizers
+from nanopipe.tokenizer import Tokenizer
+from scripts import base_train
+from scripts.base_train import lr_multiplier, make_plan, muon_momentum, muon_weight_decay
 from tests.conftest import subprocess_env
-
-tokenizer_module = pytest.importorskip("nanopipe.tokenizer")
-from scripts import base_train  # noqa: E402  (needs the tokenizer module)
-from scripts.base_train import lr_multiplier, make_plan, muon_momentum, muon_weight_decay  # noqa: E402
 
 WORDS = ("the a river stone cloud seven green quick brown fox jumps over lazy dog city paris france capital "
          "of is and blue sky red sun moon night day water fire").split()
@@ -37,7 +36,7 @@ def make_doc(rng):
 
 
 def train_tokenizer(docs):
-    tokenizer = tokenizer_module.Tokenizer.train(iter(docs), vocab_size=300)
+    tokenizer = Tokenizer.train(iter(docs), vocab_size=300)
     tokenizer.save(get_base_dir() / "tokenizer")
     return tokenizer
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from nanopipe import dataset, report
-from nanopipe.chat_eval import chatcore, evaluate_categorical
+from nanopipe.chat_eval import chatcore, evaluate_categorical, render_completion
 from nanopipe.checkpoint import checkpoint_root, list_steps, load_checkpoint, step_dir
 from nanopipe.common import get_base_dir
+from nanopipe.engine import Engine
 from nanopipe.tokenizer import Tokenizer
 from nanopipe.training import read_log
 from scripts import base_train, chat_cli, chat_eval, chat_sft
@@ -105,11 +106,19 @@ def test_chat_eval_and_cli(in_world):
     assert data["chatcore"] == pytest.approx(chatcore(data["tasks"]))
     assert (get_base_dir() / "chat_eval" / "sft_transcripts.md").exists()
 
-    result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", "What is 6 times 7?", "-t", "0",
+    question = "What is 6 times 7?"
+    result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", question, "-t", "0",
                              "--max-new-tokens", "8"], env=subprocess_env(), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.endswith("\n")
+    # the printed answer is the SFT model's own greedy reply to the question, tool calls marked, one line
+    from nanopipe.checkpoint import load_model
+    model, tokenizer, _ = load_model("sft", device="cpu")
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": question},
+                                                           {"role": "assistant", "content": ""}]})
+    reply = Engine(model, tokenizer).generate_batch(prompt, max_tokens=8, temperature=0.0)[0][len(prompt):]
+    assert reply, "the greedy reply is empty: the comparison would say nothing"
+    assert result.stdout == render_completion(tokenizer, reply) + "\n"
 
 
 def test_categorical_scoring_is_batch_size_independent(in_world):

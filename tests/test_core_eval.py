@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nanopipe.common import UserError
-from nanopipe.core_eval import (centered_accuracy, crop_left, evaluate_core, evaluate_task,
+from nanopipe.core_eval import (centered, crop_left, evaluate_core, evaluate_task,
                                 fewshot_indices, find_spans, load_bundle, prepare_task, render_prompts,
                                 select_items)
 from tasks.world.facts import sample_prompts
@@ -110,10 +110,10 @@ def test_fewshot_indices_match_reference_and_cap_k():
 
 
 def test_centered_accuracy():
-    assert centered_accuracy(0.25, 25) == 0.0
-    assert centered_accuracy(1.0, 25) == 1.0
-    assert centered_accuracy(0.5, 0) == 0.5
-    assert centered_accuracy(0.0, 50) == -1.0
+    assert centered(0.25, 0.25) == 0.0
+    assert centered(1.0, 0.25) == 1.0
+    assert centered(0.5, 0) == 0.5
+    assert centered(0.0, 0.5) == -1.0
 
 
 # -----------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def test_evaluate_core_on_synthetic_world(tokenizer, tmp_path):
         r = result["tasks"][task.label]
         assert r["n"] == 6 and 0 <= r["accuracy"] <= 1 and r["seconds"] >= 0
         assert r["random_baseline"] == task.random_baseline
-        assert r["centered"] == pytest.approx(centered_accuracy(r["accuracy"], task.random_baseline))
+        assert r["centered"] == pytest.approx(centered(r["accuracy"], task.random_baseline / 100))
     assert result["core"] == pytest.approx(sum(r["centered"] for r in result["tasks"].values()) / len(tasks))
 
 

@@ -8,8 +8,7 @@ import torch
 
 from nanopipe import dataset
 from nanopipe.dataloader import PretrainLoader
-
-tokenizer_module = pytest.importorskip("nanopipe.tokenizer")
+from nanopipe.tokenizer import Tokenizer
 
 B, T = 4, 48
 
@@ -28,7 +27,7 @@ def setup(isolated_dirs):
     with dataset.ShardWriter(dataset.dataset_dir("toy"), docs_per_shard=500, row_group_size=50) as w:
         for text in docs:
             w.write(text)
-    tokenizer = tokenizer_module.Tokenizer.train(iter(docs[:400]), vocab_size=300)
+    tokenizer = Tokenizer.train(iter(docs[:400]), vocab_size=300)
     encoded = tokenizer.encode(docs, prepend=tokenizer.bos_token_id)
     return tokenizer, {tuple(ids): text for ids, text in zip(encoded, docs)}
 

@@ -54,13 +54,13 @@ def test_samples_share_one_prefill(tokenizer):
                                            with_kwargs=True)
     try:
         engine = Engine(model, tokenizer)
-        sequences, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=0.0)
+        sequences = engine.generate_batch(prompt, num_samples=3, max_tokens=8, temperature=0.0)
     finally:
         hook.remove()
     assert widths[0] == (1, len(prompt))                   # one prefill of the prompt ...
     assert all(w == (3, 1) for w in widths[1:])            # ... then one token per row per step
     assert sequences[0] == sequences[1] == sequences[2]    # greedy: identical rows
-    assert sequences[0][:len(prompt)] == prompt and masks[0][:len(prompt)] == [0] * len(prompt)
+    assert sequences[0][:len(prompt)] == prompt
     generated = sequences[0][len(prompt):]
     assert generated == naive_greedy(model, prompt, len(generated))
 
@@ -69,13 +69,13 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tokenizer):
     model = noisy_gpt(tokenizer, seq_len=64, noise=0.3, seed=2)
     prompt = tokenizer.encode("Hello", prepend=tokenizer.bos_token_id)
     engine = Engine(model, tokenizer)
-    a, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.5, seed=7)
-    b, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.5, seed=7)
-    c, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.5, seed=8)
+    a = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.5, seed=7)
+    b = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.5, seed=7)
+    c = engine.generate_batch(prompt, num_samples=4, max_tokens=10, temperature=1.5, seed=8)
     assert a == b and a != c
     assert len({tuple(s) for s in a}) > 1                  # rows sample independently
-    greedy, _ = engine.generate_batch(prompt, max_tokens=10, temperature=0.0)
-    top1, _ = engine.generate_batch(prompt, max_tokens=10, temperature=1.0, top_k=1, seed=3)
+    greedy = engine.generate_batch(prompt, max_tokens=10, temperature=0.0)
+    top1 = engine.generate_batch(prompt, max_tokens=10, temperature=1.0, top_k=1, seed=3)
     assert top1 == greedy
 
 
@@ -108,9 +108,8 @@ def test_calculator_output_is_forced(tokenizer):
     steps = list(Engine(model, tokenizer, use_tools=False).generate(prompt, max_tokens=30, temperature=0.0))
     assert [s[0] for s in steps] == [(t, False) for t in [ps, *expr, pe, end]]
 
-    sequences, masks = Engine(model, tokenizer).generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
+    sequences = Engine(model, tokenizer).generate_batch(prompt, num_samples=2, max_tokens=30, temperature=0.0)
     assert sequences == [prompt + [ps, *expr, pe, os_, *answer, oe]] * 2   # stop token left out
-    assert masks[0] == [0, 0] + [1] * (len(expr) + 2) + [0] * (len(answer) + 2)
 
 
 def test_refused_expression_forces_nothing(tokenizer):

@@ -47,6 +47,43 @@ def test_param_groups_and_lr_scaling():
     assert total == len(list(model.parameters()))
 
 
+def test_weight_decay_shrinks_every_group_by_its_lr_times_its_decay():
+    """With zero gradients the only change a step makes is the decay: each weight is multiplied by
+    1 - lr * wd, with Muon's shape-aware LR (AdamW groups carry their own decays, Muon the one passed in)."""
+    model = tiny_gpt(vocab=256)
+    optimizers = setup_optimizers(model, weight_decay=0.5)
+    before = {p: p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    for opt in optimizers:
+        opt.step()
+    decayed = 0
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                lr = group["lr"] * (max(1.0, p.shape[0] / p.shape[1]) ** 0.5 if opt is optimizers[1] else 1.0)
+                torch.testing.assert_close(p.detach(), before[p] * (1 - lr * group["weight_decay"]))
+                decayed += group["weight_decay"] > 0 and not torch.equal(p.detach(), before[p])
+    assert decayed >= len(list(model.transformer.h.parameters()))  # every Muon matrix at least
+
+
+def test_muon_weight_decay_is_cautious():
+    """Muon decays only the coordinates its update also pulls towards 0, by lr * wd of the weight."""
+    torch.manual_seed(0)
+    w0, grad = torch.randn(16, 8), torch.randn(16, 8)
+    after = {}
+    for wd in (0.0, 0.5):
+        w = torch.nn.Parameter(w0.clone())
+        w.grad = grad.clone()
+        Muon([w], lr=0.1, momentum=0.9, weight_decay=wd).step()
+        after[wd] = w.detach()
+    lr = 0.1 * 2 ** 0.5  # the shape-aware LR of a 16 x 8 matrix
+    update = (w0 - after[0.0]) / lr
+    agree = (update * w0 >= 0).float()
+    assert 0 < agree.mean() < 1  # both kinds of coordinate are present
+    torch.testing.assert_close(after[0.5], after[0.0] - lr * 0.5 * w0 * agree)
+
+
 @pytest.mark.parametrize("shape", [(16, 8), (8, 24)])
 def test_muon_update_has_the_exact_polar_norm_and_ignores_row_scale(shape):
     """Muon+: the update's Frobenius norm is that of a semi-orthogonal matrix, sqrt(min(m, n)), times the

@@ -81,10 +81,17 @@ def test_ranks_read_disjoint_conversations(tokenizer):
 
 
 def test_fully_masked_batch_gives_zero_not_nan(tokenizer):
+    """A conversation whose user turn alone fills a row is cropped to no trained token at all: the loader's
+    batch is all -1 targets, and the model's loss on it is 0 with finite gradients, not NaN."""
     from nanopipe.gpt import GPTConfig, build_model
+    long_question = {"messages": [{"role": "user", "content": "please explain " * 40},
+                                  {"role": "assistant", "content": "answer"}]}
+    loader = SFTLoader(tokenizer, [long_question] * 2, batch_size=2, seq_len=16, loop=False)
+    x, y = next(loader)
+    assert x.shape == (2, 16) and (y == -1).all()
     model = build_model(GPTConfig(sequence_len=16, vocab_size=tokenizer.vocab_size, n_layer=1, n_head=1,
                                   n_kv_head=1, n_embd=32), "cpu")
-    x = torch.zeros(2, 16, dtype=torch.long)
-    y = torch.full((2, 16), -1)
     loss = model(x, y)
+    loss.backward()
     assert torch.isfinite(loss) and loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
