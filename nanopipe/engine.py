@@ -19,6 +19,8 @@ base_eval print and report.
 On CUDA, callers run generation under bf16 autocast like the rest of inference; the cache then stores bf16.
 """
 
+import re
+
 import torch
 import torch.nn.functional as F
 
@@ -164,8 +166,15 @@ TOOL_MARKS = {"<|python_start|>": "⟦calc: ", "<|python_end|>": "", "<|output_s
 PART_STARTS = {"<|python_start|>": "python", "<|output_start|>": "python_output"}
 
 
+# GSM8K-style final-answer line ("\n#### 72"): the evaluator reads it, a person is not shown it
+ANSWER_MARKER = re.compile(r"\n?####[^\n]*")
+# the end of a text that may still grow into a marker: held back until the next token decides
+_MARKER_START = re.compile(r"\n?#{0,3}$")
+
+
 class ReplyDecoder:
-    """Turns a reply's tokens, one at a time, into the text to show (tool calls marked) and into parts."""
+    """Turns a reply's tokens, one at a time, into the text to show (tool calls marked, the `####` answer line
+    hidden) and into parts (the reply as the model wrote it, marker included)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -173,31 +182,39 @@ class ReplyDecoder:
         self.starts = {tokenizer.encode_special(name): kind for name, kind in PART_STARTS.items()}
         self.parts, self.kind, self.run, self.shown = [], "text", [], ""
 
+    def _visible(self, final: bool) -> str:
+        text = self.tokenizer.decode(self.run)
+        if self.kind != "text":
+            return text
+        text = ANSWER_MARKER.sub("", text)
+        return text if final else text[:_MARKER_START.search(text).start()]
+
+    def _new_text(self, final: bool) -> str:
+        text = self._visible(final)
+        new = text[len(self.shown):] if text.startswith(self.shown) else ""
+        self.shown = text
+        return new
+
     def _close_run(self):
         if self.run:
             self.parts.append({"type": self.kind, "text": self.tokenizer.decode(self.run)})
         self.run, self.shown = [], ""
 
     def feed(self, token: int) -> str:
-        """The new visible text after `token` ("" while a multi-byte character is incomplete)."""
+        """The new visible text after `token` ("" while a multi-byte character or a possible marker is incomplete)."""
         if token in self.marks:
+            held = self._new_text(final=True)
             self._close_run()
             self.kind = self.starts.get(token, "text")  # an end token returns to text
-            return self.marks[token]
+            return held + self.marks[token]
         self.run.append(token)
-        text = self.tokenizer.decode(self.run)
-        if text.endswith("\ufffd"):
+        if self.tokenizer.decode(self.run).endswith("\ufffd"):
             return ""
-        new = text[len(self.shown):] if text.startswith(self.shown) else text
-        self.shown = text
-        return new
+        return self._new_text(final=False)
 
     def flush(self) -> str:
-        """What feed held back at the end of the reply (an incomplete character, shown as U+FFFD)."""
-        text = self.tokenizer.decode(self.run)
-        new = text[len(self.shown):] if text.startswith(self.shown) else ""
-        self.shown = text
-        return new
+        """What feed held back at the end of the reply (an incomplete character is shown as U+FFFD)."""
+        return self._new_text(final=True)
 
     def finish(self) -> list[dict]:
         """The reply as conversation content parts (text / python / python_output), empty runs left out."""

@@ -173,3 +173,24 @@ def test_reply_decoder_shows_whole_characters_and_marks_tool_calls(tokenizer):
     assert "".join(shown) + tail == "Größe ≈ 5 ⟦calc: 2+3 → 5⟧ so 5 ✓\ufffd"
     assert decoder.finish() == [{"type": "text", "text": "Größe ≈ 5 "}, {"type": "python", "text": "2+3"},
                                 {"type": "python_output", "text": "5"}, {"type": "text", "text": " so 5 ✓\ufffd"}]
+
+
+def test_reply_decoder_hides_the_answer_marker_line_but_keeps_it_in_the_parts(tokenizer):
+    """The GSM8K `#### n` line is the evaluator's: streamed token by token, a person never sees any of it
+    (not even a `#` while it is being written), other `#`s and newlines show, and the parts keep the reply
+    as the model wrote it (the next turn's history)."""
+    special = tokenizer.encode_special
+    first = "Item #3 has\n2 rows:\n"
+    reply = [*tokenizer.encode(first), special("<|python_start|>"), *tokenizer.encode("2*3"),
+             special("<|python_end|>"), special("<|output_start|>"), *tokenizer.encode("6"),
+             special("<|output_end|>"), *tokenizer.encode(" 6 seats.\n#### 6")]
+    decoder = ReplyDecoder(tokenizer)
+    shown = []
+    for token in reply:
+        shown.append(decoder.feed(token))
+        assert "####" not in "".join(shown)
+    assert all("#" not in piece for piece in shown[len(tokenizer.encode(first)):])
+    assert "".join(shown) + decoder.flush() == "Item #3 has\n2 rows:\n⟦calc: 2*3 → 6⟧ 6 seats."
+    assert decoder.finish()[-1] == {"type": "text", "text": " 6 seats.\n#### 6"}
+    decoder = ReplyDecoder(tokenizer)
+    assert "".join(decoder.feed(t) for t in tokenizer.encode("ends with\n##")) + decoder.flush() == "ends with\n##"
