@@ -2,7 +2,7 @@
 
     python bench/bench_data.py [--repeats 5]
 
-1. Text read+yielded by dataset.iter_documents (row group at a time, with positions) vs the baseline
+1. Text read+yielded by shards.iter_documents (row group at a time, with positions) vs the baseline
    pq.read_table(whole file).to_pylist() then iterate. Uses ../shared/data/corpus when present, else a
    generated ~60 MB corpus.
 2. Download MB/s from a loopback HTTP server: download.download_many (verify + atomic rename, 4 workers)
@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanopipe import dataset  # noqa: E402
+from nanopipe import shard_writer, shards  # noqa: E402
 from nanopipe.download import DownloadJob, download_file, download_many  # noqa: E402
 
 SHARED_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"
@@ -55,7 +55,7 @@ def prepare_corpus(base):
             (out / shard.name).symlink_to(shard)
         return "shared/data/corpus"
     words = "the of and to in a is that for it as was with be by on not he this are or his from".split()
-    with dataset.ShardWriter(out, 4000) as writer:
+    with shard_writer.ShardWriter(out, 4000) as writer:
         for i in range(15_000):
             writer.write(" ".join(words[(i * j) % len(words)] for j in range(700)))
     return "generated"
@@ -63,14 +63,14 @@ def prepare_corpus(base):
 
 def read_streaming():
     n = 0
-    for text, _ in dataset.iter_documents("bench", "train"):
+    for text, _ in shards.iter_documents("bench", "train"):
         n += len(text.encode("utf-8"))
     return n
 
 
 def read_whole_files():
     n = 0
-    for path in dataset.list_shards("bench")[0]:
+    for path in shards.list_shards("bench")[0]:
         for text in pq.read_table(path, columns=["text"]).column(0).to_pylist():
             n += len(text.encode("utf-8"))
     return n
@@ -124,11 +124,11 @@ def main():
         def ours_sequential():
             out = fresh_dir("ours1")
             for url in urls:
-                download_file(url, out / url.rsplit("/", 1)[1], verify=dataset.verify_text_shard)
+                download_file(url, out / url.rsplit("/", 1)[1], verify=shards.verify_text_shard)
 
         def ours_parallel():
             out = fresh_dir("ours4")
-            jobs = [DownloadJob(url, out / url.rsplit("/", 1)[1], dataset.verify_text_shard) for url in urls]
+            jobs = [DownloadJob(url, out / url.rsplit("/", 1)[1], shards.verify_text_shard) for url in urls]
             assert not download_many(jobs, workers=4, show_progress=False).failed
 
         t_base, _ = best_of(args.repeats, lambda: requests_baseline(urls, fresh_dir("base_dl")))

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from nanopipe.dataset import update_download_manifest
+from nanopipe.sources import update_download_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

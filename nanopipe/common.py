@@ -2,6 +2,7 @@
 
 import contextlib
 import errno
+import hashlib
 import os
 import random
 import re
@@ -54,6 +55,14 @@ def atomic_write_text(path, text: str):
     with disk_space(Path(path).parent, len(text.encode("utf-8")), f"writing {Path(path).name}"):
         with atomic_write(path, "w") as f:
             f.write(text)
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

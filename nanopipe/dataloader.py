@@ -6,7 +6,7 @@ filled with whole documents from the front), and there is no padding:
   2. when none fits, take the SHORTEST one and crop it to fill the row exactly (its tail is dropped).
 x = row[:-1], y = row[1:]. A buffer of >= buffer_docs tokenized documents gives best-fit its choice.
 
-state_dict() is the position of the last document read (dataset.iter_documents) plus the buffered,
+state_dict() is the position of the last document read (shards.iter_documents) plus the buffered,
 not-yet-used documents; a loader built with state=... yields exactly the batches the original would have.
 Tokens live in numpy uint16 (uint32 for vocabularies over 65536), never in python lists.
 """
@@ -14,7 +14,7 @@ Tokens live in numpy uint16 (uint32 for vocabularies over 65536), never in pytho
 import numpy as np
 import torch
 
-from nanopipe.dataset import iter_documents, list_shards
+from nanopipe.shards import iter_documents, list_shards
 
 
 class PretrainLoader:

@@ -16,7 +16,6 @@ Two transports behind one job list (download_many):
 
 import email.utils
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -29,6 +28,8 @@ from pathlib import Path
 import requests
 import urllib3
 from tqdm import tqdm
+
+from nanopipe.common import file_sha256
 
 # Statuses worth another try: the server is overloaded or hiccuped, not telling us the file is absent.
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
@@ -260,6 +261,12 @@ def resolve_revision(repo_id: str, revision: str = "main", repo_type: str = "dat
             time.sleep(failure.wait if failure.wait is not None else backoff * 2 ** attempt)
 
 
+
+def retry_kwargs(download_kwargs) -> dict:
+    """The retry settings among download_many's keyword arguments, for the resolve_revision before it."""
+    return {k: download_kwargs[k] for k in ("retries", "backoff") if k in download_kwargs}
+
+
 def _progress_bar_class(progress):
     """A silent tqdm for huggingface_hub that feeds its byte counts to download_many's bar."""
     from huggingface_hub.utils import tqdm as hub_tqdm
@@ -315,7 +322,7 @@ def download_hub_file(hub: HubFile, dest, verify=None, retries=5, backoff=1.0, m
             continue
         problem = None
         etag = (meta.etag or "").strip('"')
-        if SHA256.fullmatch(etag) and _sha256(path) != etag:
+        if SHA256.fullmatch(etag) and file_sha256(path) != etag:
             problem = f"sha256 mismatch: the hub says {etag[:12]}…"
         problem = problem or _check_verify(verify, path)
         if problem is None:
@@ -326,14 +333,6 @@ def download_hub_file(hub: HubFile, dest, verify=None, retries=5, backoff=1.0, m
         corrupt += 1
         if corrupt > max_corrupt:
             raise DownloadError(url, f"{problem} (on {corrupt} complete downloads)")
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

@@ -27,16 +27,6 @@ import torch.nn.functional as F
 from nanopipe.execution import calculate
 from nanopipe.gpt import KVCache
 
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
-
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
     """One token per row of logits (N, V): argmax at temperature 0, else softmax sampling (top-k if given)."""

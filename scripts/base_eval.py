@@ -14,12 +14,11 @@ from nanopipe.common import (autocast, autodetect_device, autodetect_dtype, clea
                              init_distributed, print0)
 from nanopipe.core_eval import evaluate_core
 from nanopipe.dataloader import PretrainLoader
-from nanopipe.dataset import default_data_name, get_eval_bundle_dir
-from tasks.world.facts import sample_prompts
-from nanopipe.engine import SAMPLE_PROMPTS, greedy_samples
+from nanopipe.engine import greedy_samples
 from nanopipe.loss_eval import evaluate_bpb, evaluate_text
 from nanopipe.report import core_label
 from nanopipe.stage import Stage
+from tasks.profile import data_profile
 
 EVALS = ("core", "bpb", "sample", "text")
 
@@ -66,11 +65,12 @@ def main(argv=None):
         dtype = autodetect_dtype(device)
         amp = autocast(device, dtype)
         model, tokenizer, meta = load_model("base", args.model_tag, args.step, device)
-        data_name = default_data_name(args.data)
+        profile = data_profile(args.data)
+        data_name = profile.data_name
         data, sections = {}, []
 
         if "core" in args.evals:
-            bundle = get_eval_bundle_dir(data_name)
+            bundle = profile.eval_bundle_dir()
             print0(f"CORE on {bundle}")
             with amp:
                 result = evaluate_core(model, tokenizer, bundle, device, max_per_task=args.max_per_task,
@@ -96,10 +96,8 @@ def main(argv=None):
                             f"({steps} batches of {args.device_batch_size}x{seq_len} tokens per split and rank, data `{data_name}`)")
 
         if "sample" in args.evals:
-            # the synthetic world's model knows nothing about France: ask it about its own world
-            prompts = sample_prompts() if data_name == "synthetic" else SAMPLE_PROMPTS
             with amp:
-                samples = greedy_samples(model, tokenizer, prompts)
+                samples = greedy_samples(model, tokenizer, profile.sample_prompts())
             for line in samples:
                 print0(line)
             data["samples"] = samples

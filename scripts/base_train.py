@@ -24,8 +24,7 @@ from nanopipe.checkpoint import checkpoint_root, rng_state, save_checkpoint, upd
 from nanopipe.common import (DistInfo, UserError, autocast, autodetect_device, cleanup_distributed, format_duration,
                              get_base_dir, get_dist_info, init_distributed, peak_flops, print0, seed_everything)
 from nanopipe.dataloader import PretrainLoader
-from nanopipe.dataset import default_data_name, get_eval_bundle_dir
-from nanopipe.engine import SAMPLE_PROMPTS, greedy_samples
+from nanopipe.engine import greedy_samples
 from nanopipe.gpt import GPT, build_model, config_from_depth
 from nanopipe.loss_eval import evaluate_bpb
 from nanopipe.memory import FITS_FRACTION, GIB, predict_peaks
@@ -34,6 +33,7 @@ from nanopipe.stage import Stage
 from nanopipe.tokenizer import get_tokenizer
 from nanopipe.train_step import Prefetcher, StepClock, StepProgress, TrainStep, training_dtype, wrap_model
 from nanopipe.training import MetricLog, check_finite, peak_memory_mb, read_log, resume_training, series_from_log
+from tasks.profile import data_profile
 
 # the reference point of every depth-derived hyperparameter: d12 (width 768) trained at ratio 12 (upstream's
 # re-run scaling law; the fork used 10.5) with 2^19-token batches. It is one fixed run, whatever this run's
@@ -283,7 +283,8 @@ def train(args, stage):
     amp = autocast(device, dtype)
     seed_everything(args.seed)
     tokenizer, vocab_size = load_tokenizer(args)
-    data_name = default_data_name(args.data)
+    profile = data_profile(args.data)
+    data_name = profile.data_name
     config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim)
     batch = args.device_batch_size
     if batch == "auto":
@@ -307,7 +308,7 @@ def train(args, stage):
     start_step, loader_state = resume_training(ckpt_dir, args.resume, model, optimizers, loop, device, rank,
                                                lambda meta: check_resumable(meta, config, plan, batch, world))
     token_bytes = tokenizer.token_bytes().to(device)
-    bundle_dir = get_eval_bundle_dir(data_name) if args.core_metric_every > 0 else None  # fail fast if missing
+    bundle_dir = profile.eval_bundle_dir() if args.core_metric_every > 0 else None  # fail fast if missing
     train_loader = Prefetcher(PretrainLoader(tokenizer, data_name, "train", batch, config.sequence_len, device, rank,
                                              world, state=loader_state), depth=2 * grad_accum)
     eval_steps = max(1, args.eval_tokens // (batch * config.sequence_len * world))
@@ -382,7 +383,7 @@ def train(args, stage):
                     record["core"] = core_metric(model, tokenizer, bundle_dir, device, args, amp)
                     progress.note(f"step {step}: CORE {record['core']:.4f}")
                 if args.sample_every > 0 and step % args.sample_every == 0 and master:
-                    samples = sample(model, tokenizer, amp)
+                    samples = sample(model, tokenizer, profile.sample_prompts(), amp)
             log.write(record)
             mean_dt = clock.mean_step_seconds(timing["dt"])
             progress.step(step, {"loss": loop["smooth_loss"] / (1 - 0.9 ** step), "lr": lrm, "dt": timing["dt"],
@@ -399,7 +400,7 @@ def train(args, stage):
         final["core"] = core_metric(model, tokenizer, bundle_dir, device, args, amp)
         print0(f"final CORE {final['core']:.4f}")
     if args.sample_every > 0 and master:
-        samples = sample(model, tokenizer, amp)
+        samples = sample(model, tokenizer, profile.sample_prompts(), amp)
     if master:
         update_meta(ckpt_dir, N, val_bpb=loop["val_bpb"], core=final.get("core"))
     log.write(final)
@@ -486,10 +487,11 @@ def core_metric(model, tokenizer, bundle_dir, device, args, amp):
     return result["core"]
 
 
-def sample(model, tokenizer, amp) -> list[str]:
-    """Greedy 16-token continuations of fixed prompts (rank 0): a quick look at what the model learned."""
+def sample(model, tokenizer, prompts, amp) -> list[str]:
+    """Greedy 16-token continuations of the data profile's prompts (rank 0): a quick look at what the model
+    learned."""
     with amp:
-        lines = greedy_samples(model, tokenizer, SAMPLE_PROMPTS)
+        lines = greedy_samples(model, tokenizer, prompts)
     print("\n" + "\n".join(f"  {line!r}" for line in lines))
     return lines
 

@@ -17,9 +17,9 @@ from nanopipe.checkpoint import load_model
 from nanopipe.common import (UserError, atomic_write_text, autocast, autodetect_device, autodetect_dtype,
                              cleanup_distributed, get_base_dir, init_distributed, print0)
 from nanopipe.core_eval import centered
-from nanopipe.dataset import default_data_name
 from nanopipe.stage import Stage
-from tasks.registry import CODE_TASKS, EVAL_SETS, EVAL_TASKS, TOOL_TASKS
+from tasks.profile import data_profile
+from tasks.registry import CODE_TASKS, EVAL_TASKS, TOOL_TASKS
 
 
 def parse_args(argv=None):
@@ -43,9 +43,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def task_names(spec: str, data_name: str) -> list[str]:
+def task_names(spec: str, data_flag=None) -> list[str]:
     if spec == "all":
-        return EVAL_SETS["synthetic" if data_name == "synthetic" else "real"]
+        return data_profile(data_flag).eval_tasks
     names = [n.strip() for n in spec.split(",") if n.strip()]
     unknown = [n for n in names if n not in EVAL_TASKS]
     if unknown:
@@ -59,7 +59,7 @@ def main(argv=None):
         device = autodetect_device(args.device)
         dtype = autodetect_dtype(device)
         init_distributed(device)
-        names = task_names(args.tasks, default_data_name(args.data))
+        names = task_names(args.tasks, args.data)
         # load every file (and check the code sandbox) first: fail before any work
         tasks = {name: EVAL_TASKS[name](unsafe_exec=args.unsafe_exec) if name in CODE_TASKS else EVAL_TASKS[name]()
                  for name in names}

@@ -20,7 +20,6 @@ from nanopipe import cli
 from nanopipe.checkpoint import checkpoint_root, load_model, rng_state, save_checkpoint
 from nanopipe.common import (UserError, autocast, autodetect_device, cleanup_distributed, format_duration,
                              get_base_dir, init_distributed, peak_flops, print0, seed_everything)
-from nanopipe.dataset import default_data_name
 from nanopipe.optim import setup_optimizers
 from nanopipe.report import fmt
 from nanopipe.sft_data import SFTLoader
@@ -29,7 +28,8 @@ from nanopipe.train_step import Prefetcher, StepClock, StepProgress, TrainStep, 
 from nanopipe.training import (MetricLog, check_finite, muon_momentum, peak_memory_mb, read_log, resume_training,
                                series_from_log)
 from tasks.common import TaskMixture
-from tasks.registry import SFT_MIXTURES, SFT_TASKS, parse_mixture
+from tasks.profile import data_profile
+from tasks.registry import SFT_TASKS, parse_mixture
 
 
 def parse_args(argv=None):
@@ -147,8 +147,7 @@ def train(args, stage):
     amp = autocast(device, dtype)
     seed_everything(args.seed)
 
-    data_name = default_data_name(args.data)
-    spec = args.mixture or SFT_MIXTURES["synthetic" if data_name == "synthetic" else "real"]
+    spec = args.mixture or data_profile(args.data).sft_mixture
     train_mix, val_mix, table = build_mixtures(spec, args.val_conversations)
     model, tokenizer, base_meta = load_model("base", args.model_tag, args.step, device)
     model.train()

@@ -20,9 +20,11 @@ import sys
 
 from nanopipe import cli
 from nanopipe.common import UserError
-from nanopipe.dataset import (CHAT_DATA_NAMES, PRETRAIN_SOURCES, build_local, dataset_dir, download_chat_data,
-                              download_eval_bundle, download_pretrain, list_shards)
 from nanopipe.download import DownloadError
+from nanopipe.eval_bundle import download_eval_bundle
+from nanopipe.shards import PRETRAIN_SOURCES, dataset_dir, list_shards
+from nanopipe.sources import build_local, download_pretrain
+from tasks.chat_data import CHAT_DATA_NAMES, download_chat_data
 from tasks.world.source import DEFAULT_NUM_SHARDS, build_synthetic
 
 

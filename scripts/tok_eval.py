@@ -15,9 +15,10 @@ from pathlib import Path
 
 from nanopipe import cli
 from nanopipe.common import print0
-from nanopipe.dataset import default_data_name, iter_documents
+from nanopipe.shards import iter_documents
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import get_tokenizer
+from tasks.profile import default_data_name
 
 # Written for this file. Each sample is one kind of text a chat model meets.
 SAMPLES = {

@@ -14,9 +14,10 @@ from tqdm import tqdm
 
 from nanopipe import cli
 from nanopipe.common import UserError, get_base_dir, print0
-from nanopipe.dataset import default_data_name, iter_documents, list_shards
+from nanopipe.shards import iter_documents, list_shards
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import DEFAULT_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
+from tasks.profile import default_data_name
 
 MAX_VOCAB_SIZE = 2**31 - 1  # token ids are int32 in checkpoints (the dataloader's buffer state)
 

@@ -16,9 +16,7 @@ import re
 from pathlib import Path
 
 from nanopipe.common import UserError, iter_text_lines
-from nanopipe.dataset import chat_data_file
-
-CHAT_DATA_COMMAND = "python -m scripts.dataset chat-data"
+from tasks.chat_data import CHAT_DATA_COMMAND, chat_data_file
 
 
 class Task:

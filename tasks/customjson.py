@@ -6,7 +6,8 @@ malformed line fails before training starts, naming the file and line.
 """
 
 from nanopipe.common import UserError
-from tasks.common import JsonlRows, Task, chat_data_file, check_conversation, require_file
+from tasks.chat_data import chat_data_file
+from tasks.common import JsonlRows, Task, check_conversation, require_file
 
 
 class CustomJSON(Task):

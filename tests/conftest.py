@@ -78,7 +78,7 @@ def noisy_gpt(tokenizer, seq_len, n_layer=2, noise=0.2, seed=0):
 def chat_world(tmp_path_factory):
     """A base dir with a tiny trained pipeline: the synthetic world (2 shards), a 512-token tokenizer, 8 steps of
     pretraining (tag d2) and 4 of SFT, quick evals of both, and their report sections. Read-only for its tests."""
-    from nanopipe import dataset
+    from nanopipe import shards
     from nanopipe.common import get_base_dir
     from scripts import base_eval, base_train, chat_eval, chat_sft
     base = tmp_path_factory.mktemp("chat_world")
@@ -87,7 +87,7 @@ def chat_world(tmp_path_factory):
         mp.setenv("NANOPIPE_REPORT_DIR", str(base / "report"))
         mp.setenv("NANOPIPE_DATA", "synthetic")
         build_synthetic(num_shards=2)
-        docs = (text for text, _ in dataset.iter_documents("synthetic", "train"))
+        docs = (text for text, _ in shards.iter_documents("synthetic", "train"))
         Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
         base_train.main(["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "128",
                          "--device-batch-size", "4", "--total-batch-size", "512", "--num-iterations", "8",
@@ -124,7 +124,7 @@ def run_main(main, argv, capsys):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A base dir with data/toy, a 300-token tokenizer and checkpoints/base/d2/step_00000{1,2} (TINY_RUN)."""
-    from nanopipe import dataset
+    from nanopipe import shard_writer, shards
     from scripts import base_train
     base = tmp_path_factory.mktemp("trained") / "base"
     with pytest.MonkeyPatch.context() as mp:
@@ -133,7 +133,7 @@ def trained(tmp_path_factory):
         rng = random.Random(0)
         words = "the a river stone cloud seven green quick brown fox jumps over lazy dog city".split()
         docs = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 30))) for _ in range(600)]
-        with dataset.ShardWriter(dataset.dataset_dir("toy"), docs_per_shard=250, row_group_size=50) as writer:
+        with shard_writer.ShardWriter(shards.dataset_dir("toy"), docs_per_shard=250, row_group_size=50) as writer:
             for text in docs:
                 writer.write(text)
         Tokenizer.train(iter(docs), vocab_size=300).save(base / "tokenizer")

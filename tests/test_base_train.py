@@ -15,7 +15,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from nanopipe import dataset
+from nanopipe import shard_writer, shards
 from nanopipe.checkpoint import (checkpoint_root, clean_state_dict, find_last_step, list_steps, load_checkpoint,
                                  load_model, load_weights, rng_state, save_checkpoint, set_rng_state)
 from nanopipe.common import UserError, get_base_dir
@@ -46,7 +46,7 @@ def toy_data(isolated_dirs):
     """data/toy (2 train shards + val) and a 300-token tokenizer under the test's base dir."""
     rng = random.Random(0)
     docs = [make_doc(rng) for _ in range(1200)]
-    with dataset.ShardWriter(dataset.dataset_dir("toy"), docs_per_shard=500, row_group_size=100) as writer:
+    with shard_writer.ShardWriter(shards.dataset_dir("toy"), docs_per_shard=500, row_group_size=100) as writer:
         for text in docs:
             writer.write(text)
     train_tokenizer(docs[:500])
@@ -166,7 +166,7 @@ def test_ddp_two_ranks_match_one_rank_with_grad_accumulation(isolated_dirs, caps
     # 2 ranks x 2 micro-batches x 2 rows = one row group of 4 docs per rank per step; 1 rank x 4 micro-batches
     # reads the same two row groups in the same step (row groups alternate between ranks)
     docs = uniform_length_docs(tokenizer, 96, SEQ)
-    with dataset.ShardWriter(dataset.dataset_dir("uniform"), docs_per_shard=40, row_group_size=4) as writer:
+    with shard_writer.ShardWriter(shards.dataset_dir("uniform"), docs_per_shard=40, row_group_size=4) as writer:
         for text in docs:
             writer.write(text)
     # LRs well above the defaults (which the tiny batch scales down by sqrt(256 / 2^19)) so 6 steps visibly learn.

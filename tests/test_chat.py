@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nanopipe import dataset, report
+from nanopipe import report, shards
 from nanopipe.chat_eval import chatcore, evaluate_categorical, render_completion
 from nanopipe.checkpoint import checkpoint_root, list_steps, load_checkpoint, step_dir
 from nanopipe.common import get_base_dir
@@ -40,7 +40,7 @@ def world(tmp_path_factory):
         mp.setenv("NANOPIPE_REPORT_DIR", str(base / "report"))
         mp.setenv("NANOPIPE_DATA", "synthetic")
         build_synthetic(num_shards=2)
-        docs = (text for text, _ in dataset.iter_documents("synthetic", "train"))
+        docs = (text for text, _ in shards.iter_documents("synthetic", "train"))
         Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
         run(base_train.main, ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "128",
                               "--device-batch-size", "4", "--total-batch-size", "512", "--num-iterations", "8",

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from nanopipe import dataset
+from nanopipe import shards
 from nanopipe.common import get_base_dir
 from nanopipe.tokenizer import Tokenizer
 from tasks.world.source import build_synthetic
@@ -57,7 +57,7 @@ def guarded(log_dir, module, *flags, timeout=300):
 
 def test_every_stage_hands_nccl_device_tensors(isolated_dirs, tmp_path):
     build_synthetic(num_shards=2)
-    docs = (text for text, _ in dataset.iter_documents("synthetic", "train"))
+    docs = (text for text, _ in shards.iter_documents("synthetic", "train"))
     Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
     sites = guarded(tmp_path / "base_train", "scripts.base_train", "--depth", "2", "--aspect-ratio", "32",
                     "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "2", "--total-batch-size", "512",

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from nanopipe import dataset
+from nanopipe import shard_writer, shards
 from nanopipe.dataloader import PretrainLoader
 from nanopipe.tokenizer import Tokenizer
 
@@ -24,7 +24,7 @@ def make_docs(n, seed=0):
 @pytest.fixture
 def setup(isolated_dirs):
     docs = make_docs(1300)
-    with dataset.ShardWriter(dataset.dataset_dir("toy"), docs_per_shard=500, row_group_size=50) as w:
+    with shard_writer.ShardWriter(shards.dataset_dir("toy"), docs_per_shard=500, row_group_size=50) as w:
         for text in docs:
             w.write(text)
     tokenizer = Tokenizer.train(iter(docs[:400]), vocab_size=300)

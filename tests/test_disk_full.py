@@ -107,8 +107,8 @@ def test_dataset_build_on_a_full_disk_leaves_the_previous_dataset(tmp_path, tmpf
     for i in range(400):  # ~4 MB of random letters: zstd keeps most of it
         (big / f"{i}.txt").write_bytes(rng.randbytes(10_000).translate(table))
     mnt = tmp_path / "mnt"
-    check = ("from nanopipe import dataset; import os; train, val = dataset.list_shards('mine'); "
-             "print('DOCS', sum(1 for _ in dataset.iter_documents('mine', 'train')), "
+    check = ("from nanopipe import shards; import os; train, val = shards.list_shards('mine'); "
+             "print('DOCS', sum(1 for _ in shards.iter_documents('mine', 'train')), "
              "sorted(os.listdir(val.parent.parent)))")
     result = tmpfs(mnt, f"""
 export NANOPIPE_BASE_DIR={mnt}/base

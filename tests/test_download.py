@@ -25,10 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanopipe import dataset
+from nanopipe import shards, sources
 from nanopipe.common import UserError
 from nanopipe.download import DownloadError, DownloadJob, HubFile, download_file, download_hub_file, download_many
-from scripts import dataset as dataset_cli
+from scripts import dataset
+from tasks import chat_data
+from tasks.profile import data_profile
 from tests.conftest import subprocess_env
 
 FAST = dict(backoff=0.0, timeout=5.0)  # no sleeping between retries in tests
@@ -190,7 +192,7 @@ def test_retries_5xx_and_honours_retry_after(server, tmp_path):
     server.files["/f.parquet"] = SHARD
     server.faults["/f.parquet"] = ["500", "429:1", "500"]
     dest = tmp_path / "f.parquet"
-    download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST)
+    download_file(server.url("/f.parquet"), dest, verify=shards.verify_parquet, **FAST)
     assert dest.read_bytes() == SHARD
     log = server.requests_for("/f.parquet")
     assert [fault for _, _, fault, _ in log] == ["500", "429:1", "500", None]
@@ -202,7 +204,7 @@ def test_resumes_after_reset_and_truncation(server, tmp_path):
     server.files["/f.parquet"] = SHARD
     server.faults["/f.parquet"] = ["reset", "truncate"]
     dest = tmp_path / "f.parquet"
-    received = download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST)
+    received = download_file(server.url("/f.parquet"), dest, verify=shards.verify_parquet, **FAST)
     assert dest.read_bytes() == SHARD
     ranges = [r for _, r, _, _ in server.requests_for("/f.parquet")]
     assert ranges[0] is None and all(r and int(r[6:-1]) > 0 for r in ranges[1:])  # later tries resumed
@@ -214,7 +216,7 @@ def test_restarts_when_server_ignores_range(server, tmp_path):
     server.files["/f.parquet"] = SHARD
     server.faults["/f.parquet"] = ["truncate", "ignore_range"]
     dest = tmp_path / "f.parquet"
-    download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST)
+    download_file(server.url("/f.parquet"), dest, verify=shards.verify_parquet, **FAST)
     assert dest.read_bytes() == SHARD
     assert server.requests_for("/f.parquet")[1][1] is not None  # a Range was asked, a 200 came back
 
@@ -223,14 +225,14 @@ def test_corrupt_download_is_refetched_then_given_up(server, tmp_path):
     server.files["/f.parquet"] = SHARD
     server.faults["/f.parquet"] = ["corrupt"]
     dest = tmp_path / "f.parquet"
-    download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST)
+    download_file(server.url("/f.parquet"), dest, verify=shards.verify_parquet, **FAST)
     assert dest.read_bytes() == SHARD
     assert len(server.requests_for("/f.parquet")) == 2
 
     server.faults["/g.parquet"] = ["corrupt"] * 10
     server.files["/g.parquet"] = SHARD
     with pytest.raises(DownloadError, match="verification failed") as e:
-        download_file(server.url("/g.parquet"), tmp_path / "g.parquet", verify=dataset.verify_parquet,
+        download_file(server.url("/g.parquet"), tmp_path / "g.parquet", verify=shards.verify_parquet,
                       max_corrupt=2, **FAST)
     assert e.value.url == server.url("/g.parquet")
     assert len(server.requests_for("/g.parquet")) == 3
@@ -254,10 +256,10 @@ def test_existing_file_is_kept_only_if_it_verifies(server, tmp_path):
     server.files["/f.parquet"] = SHARD
     dest = tmp_path / "f.parquet"
     dest.write_bytes(SHARD)
-    assert download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST) == 0
+    assert download_file(server.url("/f.parquet"), dest, verify=shards.verify_parquet, **FAST) == 0
     assert server.log == []
     dest.write_bytes(SHARD[:100])  # e.g. copied in by hand, cut short
-    download_file(server.url("/f.parquet"), dest, verify=dataset.verify_parquet, **FAST)
+    download_file(server.url("/f.parquet"), dest, verify=shards.verify_parquet, **FAST)
     assert dest.read_bytes() == SHARD
 
 
@@ -284,27 +286,27 @@ def base(tmp_path, monkeypatch, server):
 def test_download_pretrain_hf_layout(server, base, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     prefix = f"/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/{REPO_SHA}"
-    shards = {i: parquet_bytes([f"shard {i} doc {j}" for j in range(120 + i)]) for i in (0, 1, 2, 1822)}
-    for i, data in shards.items():
+    served = {i: parquet_bytes([f"shard {i} doc {j}" for j in range(120 + i)]) for i in (0, 1, 2, 1822)}
+    for i, data in served.items():
         server.files[f"{prefix}/shard_{i:05d}.parquet"] = data
     server.faults[f"{prefix}/shard_00000.parquet"] = ["500", "reset"]
     server.faults[f"{prefix}/shard_00001.parquet"] = ["429:0", "truncate", "corrupt"]
     server.faults[f"{prefix}/shard_01822.parquet"] = ["reset", "ignore_range"]
 
     # 5 shards = 4 train + val; the source has no shard 3, so that one fails with its reason
-    summary = dataset.download_pretrain("fineweb-edu", 5, workers=3, show_progress=False, **FAST)
+    summary = sources.download_pretrain("fineweb-edu", 5, workers=3, show_progress=False, **FAST)
     assert [r.job.url for r in summary.failed] == [server.url(f"{prefix}/shard_00003.parquet")]
     assert "HTTP 404" in summary.failed[0].reason
     out = base / "data" / "fineweb-edu"
-    for i, data in shards.items():
+    for i, data in served.items():
         assert (out / f"shard_{i:05d}.parquet").read_bytes() == data
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"shard_{i:05d}.parquet" for i in (0, 1, 2, 1822)]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["num_shards"] == 4 and manifest["num_docs"] == sum(120 + i for i in shards)
+    assert manifest["num_shards"] == 4 and manifest["num_docs"] == sum(120 + i for i in served)
     assert [s["split"] for s in manifest["shards"]] == ["train"] * 3 + ["val"]
-    assert all(s["sha256"] == hashlib.sha256(shards[int(s["file"][6:11])]).hexdigest() for s in manifest["shards"])
+    assert all(s["sha256"] == hashlib.sha256(served[int(s["file"][6:11])]).hexdigest() for s in manifest["shards"])
     assert manifest["source"]["revision"] == REPO_SHA and REPO_SHA in manifest["source"]["url"]
-    train, val = dataset.list_shards("fineweb-edu")
+    train, val = shards.list_shards("fineweb-edu")
     assert val.name == "shard_01822.parquet" and len(train) == 3
     # main was resolved once to its commit; every other request named that commit; all carried the token
     requests = hub_requests(server)
@@ -316,14 +318,14 @@ def test_download_pretrain_hf_layout(server, base, monkeypatch):
 
     # a rerun over the shards that exist downloads nothing and asks nothing
     n = len(hub_requests(server))
-    assert dataset_cli.main(["download", "fineweb-edu", "--num-shards", "4"]) == 0
+    assert dataset.main(["download", "fineweb-edu", "--num-shards", "4"]) == 0
     assert len(hub_requests(server)) == n
     # adding shards later keeps the recorded commit; another --revision is refused
-    assert dataset_cli.main(["download", "fineweb-edu", "--num-shards", "4", "--revision", "v2"]) == 2
+    assert dataset.main(["download", "fineweb-edu", "--num-shards", "4", "--revision", "v2"]) == 2
 
 
 def test_chat_data_and_eval_bundle(server, base, monkeypatch):
-    for name, (repo, files) in dataset.CHAT_PARQUETS.items():
+    for name, (repo, files) in chat_data.CHAT_PARQUETS.items():
         for f in files:
             server.files[f"/datasets/{repo}/resolve/{REPO_SHA}/{f}"] = parquet_bytes([f"{name} {f}"])
     server.files["/identity.jsonl"] = b'{"messages": [{"role": "user", "content": "hi"}]}\n'
@@ -332,21 +334,21 @@ def test_chat_data_and_eval_bundle(server, base, monkeypatch):
     monkeypatch.setenv("NANOPIPE_WORDS_URL", server.url("/words.txt"))
     server.faults[f"/datasets/openai/gsm8k/resolve/{REPO_SHA}/main/test-00000-of-00001.parquet"] = ["corrupt", "500"]
 
-    assert dataset_cli.main(["chat-data", "--only", "gsm8k,identity,words"]) == 0
-    test_file = dataset.chat_data_file("gsm8k", "main/test-00000-of-00001.parquet")
+    assert dataset.main(["chat-data", "--only", "gsm8k,identity,words"]) == 0
+    test_file = chat_data.chat_data_file("gsm8k", "main/test-00000-of-00001.parquet")
     assert pq.read_table(test_file).column(0).to_pylist() == ["gsm8k main/test-00000-of-00001.parquet"]
-    assert dataset.chat_data_file("words", "words_alpha.txt").read_text() == "aardvark\nbee\n"
+    assert chat_data.chat_data_file("words", "words_alpha.txt").read_text() == "aardvark\nbee\n"
     with pytest.raises(UserError, match="chat-data --only mmlu"):
-        dataset.chat_data_file("mmlu", "all/test-00000-of-00001.parquet")
+        chat_data.chat_data_file("mmlu", "all/test-00000-of-00001.parquet")
     assert json.loads((base / "chat_data" / "gsm8k" / "source.json").read_text()) == {
         "repo": "openai/gsm8k", "revision": REPO_SHA}
-    summary = dataset.download_chat_data(None, show_progress=False, **FAST)
-    assert len(summary.ok) == sum(len(f) for _, f in dataset.CHAT_PARQUETS.values()) + 2 and not summary.failed
+    summary = chat_data.download_chat_data(None, show_progress=False, **FAST)
+    assert len(summary.ok) == sum(len(f) for _, f in chat_data.CHAT_PARQUETS.values()) + 2 and not summary.failed
     hub_paths = [path for _, path, _ in hub_requests(server) if path.startswith(("/api/", "/datasets/"))]
     assert all(f"/resolve/{REPO_SHA}/" in p or p.endswith("/revision/main") for p in hub_paths)
 
     with pytest.raises(UserError, match="scripts.dataset eval-bundle"):
-        dataset.get_eval_bundle_dir("fineweb-edu")
+        data_profile("fineweb-edu").eval_bundle_dir()
     zbuf = io.BytesIO()
     with zipfile.ZipFile(zbuf, "w") as z:
         z.writestr("eval_bundle/core.yaml", "icl_tasks: []\n")
@@ -355,15 +357,15 @@ def test_chat_data_and_eval_bundle(server, base, monkeypatch):
     server.files["/eval_bundle.zip"] = zbuf.getvalue()
     server.faults["/eval_bundle.zip"] = ["corrupt"]
     monkeypatch.setenv("NANOPIPE_EVAL_BUNDLE_URL", server.url("/eval_bundle.zip"))
-    assert dataset_cli.main(["eval-bundle"]) == 0
-    bundle = dataset.get_eval_bundle_dir("fineweb-edu")
+    assert dataset.main(["eval-bundle"]) == 0
+    bundle = data_profile("fineweb-edu").eval_bundle_dir()
     assert bundle == base / "eval_bundle" and (bundle / "eval_data/world/x.jsonl").read_text() == "{}\n"
     assert sorted(p.name for p in base.iterdir()) == ["chat_data", "eval_bundle"]  # no zip or temp dir left
     n = len(server.log)
-    assert dataset_cli.main(["eval-bundle"]) == 0 and len(server.log) == n
+    assert dataset.main(["eval-bundle"]) == 0 and len(server.log) == n
     monkeypatch.setenv("NANOPIPE_EVAL_BUNDLE", str(base / "elsewhere"))
     with pytest.raises(UserError, match="NANOPIPE_EVAL_BUNDLE"):
-        dataset.get_eval_bundle_dir("fineweb-edu")
+        data_profile("fineweb-edu").eval_bundle_dir()
 
 
 def test_ctrl_c_stops_download_many_promptly(server, tmp_path):
@@ -401,7 +403,7 @@ def test_hub_retries_5xx_and_honours_retry_after(server, base):
     server.faults[HUB_PATH] = ["500", "429:1", "500"]
     dest = base / "f.parquet"
     t0 = time.monotonic()
-    assert download_hub_file(hub_file(), dest, verify=dataset.verify_parquet, **FAST) == len(SHARD)
+    assert download_hub_file(hub_file(), dest, verify=shards.verify_parquet, **FAST) == len(SHARD)
     assert dest.read_bytes() == SHARD and server.faults[HUB_PATH] == []
     assert time.monotonic() - t0 >= 0.9  # waited the server's Retry-After, though our backoff is 0
     assert [p.name for p in base.iterdir()] == ["f.parquet"]  # no staging folder left
@@ -460,10 +462,10 @@ def test_hub_existing_file_is_kept_only_if_it_verifies(server, base):
     base.mkdir(parents=True)
     dest = base / "f.parquet"
     dest.write_bytes(SHARD)
-    assert download_hub_file(hub_file(), dest, verify=dataset.verify_parquet, **FAST) == 0
+    assert download_hub_file(hub_file(), dest, verify=shards.verify_parquet, **FAST) == 0
     assert hub_requests(server) == []
     dest.write_bytes(SHARD[:100])
-    download_hub_file(hub_file(), dest, verify=dataset.verify_parquet, **FAST)
+    download_hub_file(hub_file(), dest, verify=shards.verify_parquet, **FAST)
     assert dest.read_bytes() == SHARD
 
 
@@ -473,7 +475,7 @@ def test_hub_offline_makes_no_request(server, base):
     prefix = f"/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/{REPO_SHA}"
     for i in (0, 1, 1822):
         server.files[f"{prefix}/shard_{i:05d}.parquet"] = parquet_bytes([f"shard {i} doc {j}" for j in range(50)])
-    assert dataset_cli.main(["download", "fineweb-edu", "--num-shards", "3"]) == 0
+    assert dataset.main(["download", "fineweb-edu", "--num-shards", "3"]) == 0
     n = len(hub_requests(server))
     env = subprocess_env(NANOPIPE_BASE_DIR=base, HF_ENDPOINT=server.endpoint, HF_HUB_OFFLINE="1")
     command = [sys.executable, "-m", "scripts.dataset", "download", "fineweb-edu", "--num-shards", "3"]
@@ -491,7 +493,7 @@ def test_pinned_revision_is_used_as_given(server, base):
     prefix = f"/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/{other}"
     for i in (0, 1822):
         server.files[f"{prefix}/shard_{i:05d}.parquet"] = parquet_bytes([f"shard {i}"])
-    assert dataset_cli.main(["download", "fineweb-edu", "--num-shards", "2", "--revision", other]) == 0
+    assert dataset.main(["download", "fineweb-edu", "--num-shards", "2", "--revision", other]) == 0
     paths = [path for _, path, _ in hub_requests(server)]
     assert paths and all(f"/resolve/{other}/" in p for p in paths)
     assert json.loads((base / "data" / "fineweb-edu" / "manifest.json").read_text())["source"]["revision"] == other

@@ -14,7 +14,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from nanopipe import dataset
+from nanopipe import shards
 from nanopipe.checkpoint import LEGACY_WEIGHTS, WEIGHTS, checkpoint_root, load_model, load_weights, step_dir
 from nanopipe.gpt import build_model, config_from_depth
 from scripts import base_train, chat_cli, tok_train
@@ -131,7 +131,7 @@ DATA_CASES = ["no_manifest", "garbage_manifest", "val_missing", "train_truncated
 
 @pytest.mark.parametrize("how", DATA_CASES)
 def test_a_damaged_dataset_is_refused_before_anything_reads_it(base, capsys, how):
-    folder = dataset.dataset_dir("toy")
+    folder = shards.dataset_dir("toy")
     culprit = {"no_manifest": folder, "garbage_manifest": folder / "manifest.json",
                "val_missing": folder / "shard_00002.parquet", "train_truncated": folder / "shard_00001.parquet"}[how]
     if how == "no_manifest":

@@ -16,11 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanopipe import dataset, report
-from nanopipe.common import get_base_dir
+from nanopipe import report, shards
+from nanopipe.common import file_sha256, get_base_dir
 from nanopipe.tokenizer import Tokenizer
 from scripts import base_eval, base_train, chat_cli, chat_eval, chat_serve, chat_sft, export, tok_eval, tok_train
-from scripts import dataset as dataset_cli
+from scripts import dataset
 from tasks.world.source import build_synthetic
 from tests.conftest import subprocess_env
 
@@ -40,7 +40,7 @@ def world(tmp_path_factory):
         mp.setenv("NANOPIPE_REPORT_DIR", str(base / "report"))
         mp.setenv("NANOPIPE_DATA", "synthetic")
         build_synthetic(num_shards=2)
-        docs = (text for text, _ in dataset.iter_documents("synthetic", "train"))
+        docs = (text for text, _ in shards.iter_documents("synthetic", "train"))
         Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
         base_train.main([*TINY_BASE, "--model-tag", "d2"])
         chat_sft.main(TINY_SFT)
@@ -72,7 +72,7 @@ def refuse(main, argv, culprit, root, capsys):
     threads = torch.get_num_threads()
     try:
         with pytest.raises(SystemExit) as exit_info:
-            if main(argv) == 2:  # nanopipe.dataset returns its exit code
+            if main(argv) == 2:  # scripts.dataset returns its exit code
                 sys.exit(2)
     finally:
         torch.set_num_threads(threads)
@@ -88,7 +88,7 @@ def refuse(main, argv, culprit, root, capsys):
 
 MAINS = {"base_train": base_train.main, "chat_sft": chat_sft.main, "chat_eval": chat_eval.main,
          "chat_cli": chat_cli.main, "base_eval": base_eval.main, "tok_train": tok_train.main,
-         "tok_eval": tok_eval.main, "dataset": dataset_cli.main, "report": report.main, "export": export.main,
+         "tok_eval": tok_eval.main, "dataset": dataset.main, "report": report.main, "export": export.main,
          "chat_serve": chat_serve.main}
 
 # (stage, argv, the text the error line must contain)
@@ -191,7 +191,7 @@ def test_tags_never_leave_the_base_dir(base, capsys, stage, tag):
 def test_dataset_names_never_leave_the_base_dir(base, capsys, name):
     (base.parent / "a.txt").write_text("some text " * 20)
     refuse(tok_train.main, ["--data", name], "--data", base.parent, capsys)
-    refuse(dataset_cli.main, ["local", "--name", name, "a.txt"], "--name", base.parent, capsys)
+    refuse(dataset.main, ["local", "--name", name, "a.txt"], "--name", base.parent, capsys)
 
 
 def test_dataset_name_from_the_environment_is_checked(base, capsys, monkeypatch):
@@ -260,14 +260,14 @@ def test_bad_local_data_file(base, capsys, files, culprit):
             pq.write_table(content, folder / name)
         else:
             write(folder / name, content)
-    refuse(dataset_cli.main, ["local", "--name", "mine", str(folder)], culprit, base.parent, capsys)
+    refuse(dataset.main, ["local", "--name", "mine", str(folder)], culprit, base.parent, capsys)
 
 
 def test_pretraining_shard_with_a_non_text_column(base, capsys):
     shard = base / "data" / "synthetic" / "shard_00000.parquet"
     pq.write_table(pa.table({"text": [1, 2, 3]}), shard)
     manifest = json.loads((shard.parent / "manifest.json").read_text())  # as if a mirror had served this shard
-    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=dataset.file_sha256(shard))
+    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=file_sha256(shard))
     (shard.parent / "manifest.json").write_text(json.dumps(manifest))
     refuse(tok_train.main, ["--vocab-size", "300"], "shard_00000.parquet: column `text` holds int64", base.parent,
            capsys)

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from nanopipe import dataset
+from nanopipe import shards
 from nanopipe.checkpoint import list_steps, load_weights, step_dir
 from nanopipe.common import UserError, get_base_dir
 from nanopipe.tokenizer import Tokenizer
@@ -44,7 +44,7 @@ def world(tmp_path_factory):
         mp.setenv("NANOPIPE_BASE_DIR", str(base))
         mp.setenv("NANOPIPE_REPORT_DIR", str(base.parent / "report"))
         build_synthetic(num_shards=2)
-        docs = (text for text, _ in dataset.iter_documents("synthetic", "train"))
+        docs = (text for text, _ in shards.iter_documents("synthetic", "train"))
         Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -118,7 +118,7 @@ def visible_dataset(base, name, monkeypatch):
     """What a stage would read now: None (refused: absent or incomplete) or the manifest it trusts."""
     monkeypatch.setenv("NANOPIPE_BASE_DIR", str(base))
     try:
-        train, val = dataset.list_shards(name)
+        train, val = shards.list_shards(name)
     except UserError:
         return None
     return json.loads((val.parent / "manifest.json").read_text())

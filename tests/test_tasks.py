@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanopipe.common import UserError
-from nanopipe.dataset import dataset_dir
 from nanopipe.execution import calculate
+from nanopipe.shards import dataset_dir
 from tasks.arc import ARC
 from tasks.common import Task, TaskMixture, check_conversation, last_number, render_mc, same_number
 from tasks.customjson import CustomJSON

@@ -351,7 +351,7 @@ def test_malformed_conversations_raise(tok, conv, message):
 # the stages
 
 def test_tok_train_and_tok_eval_stages(docs, tmp_path, capsys):
-    from nanopipe.dataset import ShardWriter
+    from nanopipe.shard_writer import ShardWriter
     from nanopipe.report import report_dir
     from scripts import tok_eval, tok_train
 

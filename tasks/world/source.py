@@ -6,7 +6,8 @@
 from pathlib import Path
 
 from nanopipe.common import UserError
-from nanopipe.dataset import ShardWriter, dataset_dir, read_manifest
+from nanopipe.shard_writer import ShardWriter
+from nanopipe.shards import dataset_dir, read_manifest
 from tasks.world.chat import chat_datasets
 from tasks.world.core import write_core_bundle, write_jsonl
 from tasks.world.documents import generate_documents

@@ -9,7 +9,7 @@ SFT conversations and three chat-eval tasks whose questions are held out of the 
 
 from pathlib import Path
 
-from nanopipe.dataset import dataset_dir
+from nanopipe.shards import dataset_dir
 from tasks.common import JsonlRows, Task, last_number, require_file, same_number
 
 MAKE_COMMAND = "run `python -m scripts.dataset synthetic` first"
