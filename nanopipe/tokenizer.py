@@ -417,6 +417,17 @@ class Tokenizer:
         return ids + [self._special_ids["<|assistant_start|>"]]
 
 
+def check_conversation(conversation) -> None:
+    """ValueError naming the problem unless `conversation` is a complete chat, one render_conversation takes: an
+    optional system message, user/assistant turns alternating from user and ending with assistant, user text a
+    string, assistant text a string or a list of text/python/python_output parts."""
+    turns = _chat_turns(conversation)
+    if len(turns) % 2:
+        raise ValueError("the conversation ends with a user turn: it needs the assistant's reply")
+    for i in range(1, len(turns), 2):
+        _assistant_parts(turns[i]["content"], i)
+
+
 def _chat_turns(conversation) -> list[dict]:
     """The messages as alternating user/assistant turns, a leading system message merged into the first user
     turn. ValueError naming the problem for anything else."""

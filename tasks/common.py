@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from nanopipe.common import UserError, iter_text_lines
+from nanopipe.tokenizer import check_conversation
 from tasks.chat_data import CHAT_DATA_COMMAND, chat_data_file
 
 
@@ -179,33 +180,7 @@ def same_number(a, b) -> bool:
 
 
 # -----------------------------------------------------------------------------
-# conversations and local files
-
-def check_conversation(conversation: dict):
-    """Raise ValueError unless the messages are: an optional system message, then user/assistant
-    alternating, starting with user and ending with assistant, with str or part-list contents."""
-    messages = conversation.get("messages") if isinstance(conversation, dict) else None
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ValueError("messages must be a non-empty list of {role, content} objects")
-    if messages[0].get("role") == "system":
-        messages = messages[1:]
-    if not messages or len(messages) % 2:
-        raise ValueError("need user/assistant pairs after the optional system message")
-    for i, message in enumerate(messages):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message.get("role") != expected:
-            raise ValueError(f"message {i} has role {message.get('role')!r}, expected {expected!r}")
-        content = message.get("content")
-        if isinstance(content, list):
-            if expected != "assistant":
-                raise ValueError("only assistant messages may have content parts")
-            for part in content:
-                if (not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output")
-                        or not isinstance(part.get("text"), str)):
-                    raise ValueError(f"bad content part {part!r}")
-        elif not isinstance(content, str):
-            raise ValueError(f"message {i} content is neither text nor a list of parts")
-
+# local files
 
 def require_file(path, what: str, fix: str = f"run `{CHAT_DATA_COMMAND}` first") -> Path:
     path = Path(path)

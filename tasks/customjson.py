@@ -6,8 +6,9 @@ malformed line fails before training starts, naming the file and line.
 """
 
 from nanopipe.common import UserError
+from nanopipe.tokenizer import check_conversation
 from tasks.chat_data import chat_data_file
-from tasks.common import JsonlRows, Task, check_conversation, require_file
+from tasks.common import JsonlRows, Task, require_file
 
 
 class CustomJSON(Task):

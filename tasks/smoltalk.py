@@ -4,8 +4,9 @@ of nanochat's SFT mixture. Rows are `messages` lists (optional system message, t
 """
 
 from nanopipe.common import UserError
+from nanopipe.tokenizer import check_conversation
 from tasks.chat_data import chat_data_file
-from tasks.common import ParquetRows, Task, check_conversation, require_file
+from tasks.common import ParquetRows, Task, require_file
 
 TRAIN_FILES = [f"data/train-{i:05d}-of-00004.parquet" for i in range(4)]
 TEST_FILES = ["data/test-00000-of-00001.parquet"]

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from nanopipe.core_eval import load_bundle
-from tasks.common import check_conversation, last_number
+from nanopipe.tokenizer import check_conversation
+from tasks.common import last_number
 from tasks.world.documents import generate_documents
 from tasks.world.source import DOCS_PER_SHARD, write_extras
 

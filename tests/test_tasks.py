@@ -8,8 +8,9 @@ import pytest
 from nanopipe.common import UserError
 from nanopipe.execution import calculate
 from nanopipe.shards import dataset_dir
+from nanopipe.tokenizer import check_conversation
 from tasks.arc import ARC
-from tasks.common import Task, TaskMixture, check_conversation, last_number, render_mc, same_number
+from tasks.common import Task, TaskMixture, last_number, render_mc, same_number
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, final_answer, solution_parts
 from tasks.humaneval import HumanEval
