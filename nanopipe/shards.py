@@ -138,7 +138,8 @@ def read_texts(pf, row_group, path):
     try:
         return pf.read_row_group(row_group, columns=["text"]).column(0).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"corrupt parquet file {path}, row group {row_group} ({e}): delete it and create it again") from None
+        raise UserError(f"corrupt parquet file {path}, row group {row_group} ({e}): delete it and create it "
+                        "again") from None
 
 
 def iter_documents(name, split="train", rank=0, world_size=1, start=None, loop=False):

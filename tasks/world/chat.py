@@ -18,7 +18,8 @@ IDENTITY_BODIES = [
     ", a tiny language model built end to end by the nanopipe project, in the spirit of nanochat.",
 ]
 IDENTITY_SKILLS = [
-    " I can answer questions about the countries, people and animals I read about, do arithmetic with a calculator, and spell words.",
+    " I can answer questions about the countries, people and animals I read about, do arithmetic with a calculator,"
+    " and spell words.",
     " I am small, so I make mistakes, but I use a calculator tool for arithmetic.",
     " Ask me about capitals, jobs or animals, or give me a sum to work out.",
 ]
@@ -62,7 +63,8 @@ def _arith_problem(world, rng):
         q = f"{name} packs {a} boxes with {b} {goods} in each box. How many {goods} does {first} pack in total?"
         steps = [(f"{first} packs {a} boxes of {b} {goods}, so the total is {a} * {b} = ", f"{a}*{b}", f" {goods}.")]
     elif kind == 1:
-        q = f"{name} has {a} {goods}. A friend from {rng.choice(world.countries)['capital']} gives {first} {b} more. How many {goods} does {first} have now?"
+        q = (f"{name} has {a} {goods}. A friend from {rng.choice(world.countries)['capital']} gives {first} {b} more. "
+             f"How many {goods} does {first} have now?")
         steps = [(f"{first} starts with {a} {goods} and gets {b} more: {a} + {b} = ", f"{a}+{b}", f" {goods}.")]
     elif kind == 2:
         a += b
@@ -134,7 +136,8 @@ def _sft_conversations(world, rng, size, facts, words):
         if family == "multi":  # a short chat over several topics
             messages = []
             for _ in range(rng.randint(2, 3)):
-                messages += _single_turn(world, rng, rng.choice(["qa", "arith", "count", "identity"]), facts, words)["messages"]
+                topic = rng.choice(["qa", "arith", "count", "identity"])
+                messages += _single_turn(world, rng, topic, facts, words)["messages"]
         else:
             messages = _single_turn(world, rng, family, facts, words)["messages"]
         if rng.random() < 0.03:

@@ -57,7 +57,8 @@ def write_core_bundle(seed, world, bundle_dir: Path):
     icl_tasks = [{"label": label, "dataset_uri": f"world/{label}.jsonl", "num_fewshot": [shots],
                   "icl_task_type": kind, "continuation_delimiter": delim}
                  for label, kind, shots, delim, *_ in CORE_TASKS]
-    atomic_write_text(bundle_dir / "core.yaml", yaml.safe_dump({"icl_tasks": icl_tasks}, sort_keys=False, default_flow_style=None))
+    atomic_write_text(bundle_dir / "core.yaml",
+                      yaml.safe_dump({"icl_tasks": icl_tasks}, sort_keys=False, default_flow_style=None))
     meta = io.StringIO()
     writer = csv.writer(meta, lineterminator="\n")
     writer.writerow(["Eval Task", "Task Category", "Task Type", "#shots", "#datapoints", "Random baseline",

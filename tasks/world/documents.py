@@ -35,7 +35,8 @@ def _country_profile(world, rng, cycles):
     residents = [p for p in world.people if p["home"] == c["capital"]]
     for p in residents:
         sentences.append(rng.choice(["{p} is one of the people who live in {h}.", "In {h} you may meet {p}, a {j}.",
-                                     "{p}, a {j}, has a house in {h}."]).format(p=p["name"], h=c["capital"], j=p["job"]))
+                                     "{p}, a {j}, has a house in {h}."]).format(p=p["name"], h=c["capital"],
+                                                                                 j=p["job"]))
     sentences.append(rng.choice([f"Visitors say that {c['capital']} is a beautiful city.",
                                  f"Many travellers come to {c['name']} every summer.",
                                  f"The roads of {c['name']} lead to its capital, {c['capital']}.",
@@ -54,7 +55,8 @@ def _person_bio(world, rng, cycles):
     sentences.append(rng.choice([f"{p['home']} is the capital of {country['name']}.",
                                  f"{first} likes living in {p['home']}, the capital of {country['name']}."]))
     sentences.append(rng.choice([f"{first} speaks {country['language']}, like everyone in {country['name']}.",
-                                 f"On holidays {first} enjoys the {country['export']} that {country['name']} is known for.",
+                                 f"On holidays {first} enjoys the {country['export']} that {country['name']} is "
+                                 f"known for.",
                                  f"Friends say {first} is kind and hard-working."]))
     rng.shuffle(sentences)
     return f"{p['name']}\n\n" + " ".join(sentences)
@@ -63,7 +65,8 @@ def _person_bio(world, rng, cycles):
 def _animal_sheet(world, rng, cycles):
     a = cycles["animal"].next()
     sentences = [_say(f, rng) for f in _facts_about(world, a["name"])]
-    sentences.append(rng.choice([f"The {a['name']} is a small and shy animal.", f"The {a['name']} sleeps during the day.",
+    sentences.append(rng.choice([f"The {a['name']} is a small and shy animal.",
+                                 f"The {a['name']} sleeps during the day.",
                                  f"Children love to watch the {a['name']}.", f"The {a['name']} can run very fast."]))
     rng.shuffle(sentences)
     title = rng.choice([f"The {a['name']}", f"Animal guide: the {a['name']}", f"All about the {a['name']}"])
@@ -100,7 +103,8 @@ def _digest(world, rng, cycles):
     facts = [cycles["fact"].next() for _ in range(rng.randint(10, 20))]
     lines = [f.statement() for f in facts]
     if rng.random() < 0.5:
-        return rng.choice(["Facts about the world", "Did you know?", "Notes"]) + "\n\n" + "\n".join(f"- {l}" for l in lines)
+        title = rng.choice(["Facts about the world", "Did you know?", "Notes"])
+        return title + "\n\n" + "\n".join(f"- {line}" for line in lines)
     return " ".join(lines)
 
 

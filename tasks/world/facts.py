@@ -12,7 +12,8 @@ NUM_COUNTRIES, NUM_PEOPLE, NUM_ANIMALS, NUM_LANGUAGES = 40, 40, 24, 12
 EXPORTS = ["wool", "copper", "rice", "tea", "salt", "glass", "timber", "silk", "cheese", "olives",
            "honey", "paper", "pottery", "spices", "cotton", "marble"]
 JOBS = {  # consonant-initial, so "works as a <job>" never gives the answer away through "a"/"an"
-    "baker": "bakes bread before sunrise", "teacher": "teaches children to read", "sailor": "sails ships across the sea",
+    "baker": "bakes bread before sunrise", "teacher": "teaches children to read",
+    "sailor": "sails ships across the sea",
     "farmer": "grows wheat and beans", "doctor": "helps sick people", "painter": "paints pictures of the hills",
     "fisher": "catches fish in the bay", "potter": "makes pots from clay", "miner": "digs deep under the hills",
     "weaver": "weaves cloth on a loom", "builder": "builds houses of stone", "singer": "sings songs at festivals",
@@ -54,13 +55,16 @@ RELATIONS = {
     # question; statements/questions/answers: paraphrases for documents and SFT ({s} subject, {o} object).
     "capital": dict(
         prefix="The capital of {s} is", question="What is the capital of {s}?",
-        statements=["{o} is the capital of {s}.", "The capital city of {s} is {o}.", "{s} is governed from its capital, {o}.",
+        statements=["{o} is the capital of {s}.", "The capital city of {s} is {o}.",
+                    "{s} is governed from its capital, {o}.",
                     "The largest city in {s}, and its capital, is {o}."],
-        questions=["Which city is the capital of {s}?", "What's the capital city of {s}?", "Tell me the capital of {s}."],
+        questions=["Which city is the capital of {s}?", "What's the capital city of {s}?",
+                   "Tell me the capital of {s}."],
         answers=["The capital of {s} is {o}.", "{o} is the capital of {s}.", "It is {o}."]),
     "language": dict(
         prefix="The people of {s} speak", question="What language do the people of {s} speak?",
-        statements=["In {s}, people speak {o}.", "The main language of {s} is {o}.", "{o} is the language spoken in {s}."],
+        statements=["In {s}, people speak {o}.", "The main language of {s} is {o}.",
+                    "{o} is the language spoken in {s}."],
         questions=["Which language is spoken in {s}?", "What is the main language of {s}?"],
         answers=["The people of {s} speak {o}.", "In {s}, people speak {o}.", "They speak {o}."]),
     "export": dict(
@@ -86,12 +90,14 @@ RELATIONS = {
         answers=["The fur of the {s} is {o}.", "The {s} has {o} fur.", "It is {o}."]),
     "food": dict(
         prefix="The {s} eats", question="What does the {s} eat?",
-        statements=["The {s} likes to eat {o}.", "The favourite food of the {s} is {o}.", "A hungry {s} looks for {o}."],
+        statements=["The {s} likes to eat {o}.", "The favourite food of the {s} is {o}.",
+                    "A hungry {s} looks for {o}."],
         questions=["What is the favourite food of the {s}?", "What do {s}s like to eat?"],
         answers=["The {s} eats {o}.", "The {s} likes to eat {o}.", "It eats {o}."]),
     "habitat": dict(
         prefix="The {s} lives in the", question="Where does the {s} live?",
-        statements=["You can find the {s} in the {o}.", "The {s} makes its home in the {o}.", "The {s} is found in the {o}."],
+        statements=["You can find the {s} in the {o}.", "The {s} makes its home in the {o}.",
+                    "The {s} is found in the {o}."],
         questions=["Where can you find the {s}?", "What kind of place does the {s} live in?"],
         answers=["The {s} lives in the {o}.", "You can find the {s} in the {o}.", "In the {o}."]),
 }
@@ -145,7 +151,8 @@ def _invented_word(rng, syllables, suffixes, taken):
         word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(syllables))
         word += rng.choice(_CODAS) if rng.random() < 0.6 else ""
         word += rng.choice(suffixes)
-        if 4 <= len(word) <= 11 and "quu" not in word and not any(word.startswith(t) or t.startswith(word) for t in taken):
+        clash = any(word.startswith(t) or t.startswith(word) for t in taken)
+        if 4 <= len(word) <= 11 and "quu" not in word and not clash:
             taken.append(word)
             return word
 
