@@ -399,6 +399,8 @@ def download_many(jobs, workers=4, show_progress=True, **kwargs):
 
     def run(job):
         nonlocal done
+        if stop.is_set():  # dequeued in the instant before a Ctrl-C cancelled the queue
+            raise _Cancelled
         try:
             if job.hub is None:
                 nbytes = download_file(job.url, job.dest, verify=job.verify, progress=progress, **kwargs)
@@ -419,9 +421,10 @@ def download_many(jobs, workers=4, show_progress=True, **kwargs):
     try:
         summary.results = list(pool.map(run, jobs))
     except KeyboardInterrupt:
-        # Ctrl-C: queued files never start, running ones stop at their next chunk
-        stop.set()
+        # Ctrl-C: queued files never start, running ones stop at their next chunk. The queue goes first: a
+        # transfer told to stop frees its worker, which would otherwise take the next queued file.
         pool.shutdown(wait=False, cancel_futures=True)
+        stop.set()
         bar.close()
         raise
     pool.shutdown()

@@ -45,6 +45,7 @@ class FaultServer:
         self.faults = {}   # url path -> list of faults, one consumed per request
         self.log = []      # GETs of files: (path, Range header or None, fault, monotonic time)
         self.requests = []  # every request: (method, path with query, headers with lower-case names)
+        self.first_get = threading.Event()  # set when the first GET of a file has arrived
         self.lock = threading.Lock()
         server = self
 
@@ -100,6 +101,7 @@ class FaultServer:
                     queue = server.faults.get(path) or []
                     fault = queue.pop(0) if queue else None
                     server.log.append((path, self.headers.get("Range"), fault, time.monotonic()))
+                server.first_get.set()
                 if fault == "500":
                     return self.reply(500)
                 if fault and fault.startswith("429"):
@@ -126,7 +128,7 @@ class FaultServer:
                     for i in range(0, len(body), 256):
                         self.wfile.write(body[i:i + 256])
                         self.wfile.flush()
-                        time.sleep(0.05)
+                        time.sleep(0.1)  # ~7 s for SHARD: far longer than a Ctrl-C may take to land
                     return
                 if fault in ("reset", "truncate"):
                     self.wfile.write(body[: len(body) // 2])
@@ -373,13 +375,22 @@ def test_ctrl_c_stops_download_many_promptly(server, tmp_path):
         server.files[f"/f{i}"] = SHARD
         server.faults[f"/f{i}"] = ["slow"]
     jobs = [DownloadJob(server.url(f"/f{i}"), tmp_path / f"f{i}") for i in range(3)]
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # a real Ctrl-C
-    timer.start()
-    t0 = time.monotonic()
+    sent = []
+
+    def ctrl_c():  # a real Ctrl-C, once the first transfer is under way (however slowly this machine got there)
+        if server.first_get.wait(60):
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+    threads_before = set(threading.enumerate())
+    threading.Thread(target=ctrl_c, daemon=True).start()
     with pytest.raises(KeyboardInterrupt):
         download_many(jobs, workers=1, show_progress=False, **FAST)
-    assert time.monotonic() - t0 < 3
-    time.sleep(0.3)  # the running transfer unwinds at its next chunk
+    assert sent and time.monotonic() - sent[0] < 3  # the slow transfer alone takes ~7 s
+    for thread in set(threading.enumerate()) - threads_before:  # the running transfer unwinds at its next chunk
+        if thread.name.startswith("ThreadPoolExecutor"):
+            thread.join(30)
+            assert not thread.is_alive()
     assert [entry[0] for entry in server.log] == ["/f0"]   # queued files never started
     assert not (tmp_path / "f0").exists()                  # nothing half-done was renamed into place
 
