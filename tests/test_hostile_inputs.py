@@ -321,7 +321,7 @@ CHAT = ("data", "synthetic", "chat")
 
 @pytest.mark.parametrize("stem,row,problem", [
     ("sft_train", conversation(("assistant", "x")), "malformed SyntheticSFT example"),
-    ("sft_train", conversation(("user", 5), ("assistant", "x")), "content is neither text"),
+    ("sft_train", conversation(("user", 5), ("assistant", "x")), "(user) content must be a string, got int"),
     ("sft_train", BAD_UTF8.rstrip(), "not UTF-8"),
     ("sft_val", {"messages": "hi"}, "malformed SyntheticSFT example"),
 ], ids=["train-wrong-role", "train-int-content", "train-latin1", "val-not-a-list"])
