@@ -8,9 +8,12 @@ fact is written many times, in varied templates and orders, so a tiny model trai
 learns it. The same seed always gives byte-identical output (one random.Random per stream, seeded by a
 string; no hash() or set order anywhere).
 
+facts.py builds the world; documents.py, core.py and chat.py render it (1, 2, and 3 + 4 below); source.py writes
+data/synthetic/ (`python -m scripts.dataset synthetic`); tasks.py reads the chat files back as Tasks.
+
 The world is rendered four ways:
 
-1. Pretraining documents: `generate_documents(seed, num_docs)` (country profiles, biographies, animal
+1. Pretraining documents (documents.py): `generate_documents(seed, num_docs)` (country profiles, biographies, animal
    sheets, travel stories, quizzes, fact digests, arithmetic practice, spelling lists). Documents come in
    a fixed order, so the first N documents do not depend on `num_docs`. `python -m scripts.dataset
    synthetic` writes DEFAULT_NUM_SHARDS shards of DOCS_PER_SHARD documents (the last is validation).

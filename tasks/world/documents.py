@@ -110,17 +110,14 @@ def _digest(world, rng, cycles):
 
 def _arithmetic(world, rng, cycles):
     kind = rng.random()
-    if kind < 0.35:
-        a = cycles["add"].next()
-        bs = list(range(1, 13))
+    if kind < 0.7:  # a table: addition (a + 1..12) or multiplication (a * 2..9)
+        adding = kind < 0.35
+        a = cycles["add" if adding else "mul"].next()
+        bs = list(range(1, 13) if adding else range(2, 10))
         if rng.random() < 0.5:
             rng.shuffle(bs)
-        return f"Adding {a}\n\n" + "\n".join(f"{a} + {b} = {a + b}" for b in bs)
-    if kind < 0.7:
-        a = cycles["mul"].next()
-        bs = list(range(2, 10))
-        if rng.random() < 0.5:
-            rng.shuffle(bs)
+        if adding:
+            return f"Adding {a}\n\n" + "\n".join(f"{a} + {b} = {a + b}" for b in bs)
         return f"Times table of {a}\n\n" + "\n".join(f"{a} * {b} = {a * b}" for b in bs)
     lines = []
     for _ in range(rng.randint(4, 8)):
