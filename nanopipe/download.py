@@ -154,6 +154,18 @@ def _fetch_once(session, url, part, timeout, chunk_size, progress):
         raise _Retry(f"size mismatch: have {size} bytes, server said {expected}")
 
 
+class _Tally:
+    """A progress callback that counts the bytes of one download and passes each count on to `progress`."""
+
+    def __init__(self, progress=None):
+        self.bytes, self.progress = 0, progress
+
+    def __call__(self, nbytes):
+        self.bytes += nbytes
+        if self.progress is not None:
+            self.progress(nbytes)
+
+
 def download_file(url, dest, verify=None, retries=5, backoff=1.0, max_backoff=60.0, timeout=30.0,
                   max_corrupt=2, chunk_size=1 << 20, session=None, progress=None):
     """Download `url` to `dest`, robustly. Returns the number of bytes transferred (0 if already there).
@@ -175,17 +187,29 @@ def download_file(url, dest, verify=None, retries=5, backoff=1.0, max_backoff=60
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = partial_path(dest)
     session = session or requests.Session()
-    received = failures = corrupt = 0
+    received = _Tally(progress)
 
-    def count(nbytes):
-        nonlocal received
-        received += nbytes
-        if progress is not None:
-            progress(nbytes)
+    def attempt():
+        _fetch_once(session, url, part, timeout, chunk_size, received)
+        problem = _check_verify(verify, part)
+        if problem is None:
+            os.replace(part, dest)
+        else:
+            part.unlink()
+        return problem
 
+    _retrying(url, attempt, retries, backoff, max_backoff, max_corrupt)
+    return received.bytes
+
+
+def _retrying(url, attempt, retries, backoff, max_backoff, max_corrupt):
+    """Call attempt() until the file is in place: it raises _Retry for a transient failure (tolerated `retries`
+    times, waited out as download_file says) and returns the reason a complete file was bad and discarded
+    (tolerated `max_corrupt` times), or None once the file is at its final path."""
+    failures = corrupt = 0
     while True:
         try:
-            _fetch_once(session, url, part, timeout, chunk_size, count)
+            problem = attempt()
         except _Retry as e:
             failures += 1
             if failures > retries:
@@ -195,11 +219,8 @@ def download_file(url, dest, verify=None, retries=5, backoff=1.0, max_backoff=60
             else:
                 time.sleep(min(backoff * 2 ** (failures - 1), max_backoff))
             continue
-        problem = _check_verify(verify, part)
         if problem is None:
-            os.replace(part, dest)
-            return received
-        part.unlink()
+            return
         corrupt += 1
         if corrupt > max_corrupt:
             raise DownloadError(url, f"{problem} (on {corrupt} complete downloads)")
@@ -293,33 +314,17 @@ def download_hub_file(hub: HubFile, dest, verify=None, retries=5, backoff=1.0, m
             return 0  # no request at all, online or offline
         dest.unlink()
     staging = dest.parent / f".{dest.name}.hub"  # hf_hub_download's local_dir
-    failures = corrupt = received = 0
+    received = _Tally(progress)
     url = hub.url
 
-    def count(nbytes):
-        nonlocal received
-        received += nbytes
-        if progress is not None:
-            progress(nbytes)
-
-    while True:
+    def attempt():
         try:
             meta = get_hf_file_metadata(url, timeout=timeout)
             path = Path(hf_hub_download(hub.repo_id, hub.filename, repo_type=hub.repo_type, revision=hub.revision,
                                         local_dir=staging, endpoint=hf_endpoint(), etag_timeout=timeout,
-                                        tqdm_class=_progress_bar_class(count)))
-        except Exception as e:  # noqa: BLE001 (classified below)
-            failure = _hub_failure(e, url)
-            if isinstance(failure, DownloadError):
-                shutil.rmtree(staging, ignore_errors=True)
-                raise failure from None
-            failures += 1
-            if failures > retries:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise DownloadError(url, f"gave up after {failures} attempts, last: {failure.reason}") from None
-            time.sleep(min(failure.wait, MAX_RETRY_AFTER) if failure.wait is not None
-                       else min(backoff * 2 ** (failures - 1), max_backoff))
-            continue
+                                        tqdm_class=_progress_bar_class(received)))
+        except Exception as e:  # noqa: BLE001 (classified: _Retry is retried, DownloadError is final)
+            raise _hub_failure(e, url) from None
         problem = None
         etag = (meta.etag or "").strip('"')
         if SHA256.fullmatch(etag) and file_sha256(path) != etag:
@@ -327,12 +332,15 @@ def download_hub_file(hub: HubFile, dest, verify=None, retries=5, backoff=1.0, m
         problem = problem or _check_verify(verify, path)
         if problem is None:
             os.replace(path, dest)
-            shutil.rmtree(staging, ignore_errors=True)
-            return received
-        shutil.rmtree(staging, ignore_errors=True)  # the file and hf_hub's record of it: fetch it anew
-        corrupt += 1
-        if corrupt > max_corrupt:
-            raise DownloadError(url, f"{problem} (on {corrupt} complete downloads)")
+        shutil.rmtree(staging, ignore_errors=True)  # a bad file and hf_hub's record of it: fetch it anew
+        return problem
+
+    try:
+        _retrying(url, attempt, retries, backoff, max_backoff, max_corrupt)
+    except DownloadError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return received.bytes
 
 
 @dataclass
