@@ -32,48 +32,41 @@ def _or(allow) -> str:
     return "".join(f" (or {a:g} for {meaning})" for a, meaning in allow)
 
 
-def integer(low=None, high=INT64_MAX, allow=()):
-    """An int in [low, high] (high defaults to what int64 holds); `allow`: (sentinel, meaning) pairs, e.g.
-    ((-1, "never"),), accepted besides the range."""
+def _ranged(convert, kind, bound_format, low, high, low_open, allow):
+    """A parser of `convert`ed values in [low, high] ((low, high] with low_open) or among `allow`'s sentinels;
+    `kind` names the type in messages ("an integer"), bounds are shown with `bound_format`."""
     sentinels = {a for a, _ in allow}
 
     def parse(text):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
         if value in sentinels:
             return value
-        if low is not None and value < low:
-            raise argparse.ArgumentTypeError(f"{value} is too small: use an integer >= {low}{_or(allow)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"{text} is too small: use {kind} {'>' if low_open else '>='} "
+                                             f"{low:{bound_format}}{_or(allow)}")
         if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{value} is too large: use an integer <= {high:,}{_or(allow)}")
+            raise argparse.ArgumentTypeError(f"{text} is too large: use {kind} <= {high:{bound_format}}{_or(allow)}")
         return value
 
+    return parse
+
+
+def integer(low=None, high=INT64_MAX, allow=()):
+    """An int in [low, high] (high defaults to what int64 holds); `allow`: (sentinel, meaning) pairs, e.g.
+    ((-1, "never"),), accepted besides the range."""
+    parse = _ranged(int, "an integer", ",", low, high, False, allow)
     parse.__name__ = "integer"  # argparse names the type in its "invalid integer value" messages
     return parse
 
 
 def real(low=None, high=None, low_open=False, allow=()):
     """A finite float in [low, high] ((low, high] with low_open); `allow` as for `integer`."""
-    sentinels = {a for a, _ in allow}
-
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value in sentinels:
-            return value
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
-        if low is not None and (value <= low if low_open else value < low):
-            raise argparse.ArgumentTypeError(f"{text} is too small: use a number {'>' if low_open else '>='} {low:g}"
-                                             f"{_or(allow)}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{text} is too large: use a number <= {high:g}{_or(allow)}")
-        return value
-
+    parse = _ranged(float, "a number", "g", low, high, low_open, allow)
     parse.__name__ = "number"
     return parse
 
