@@ -1,6 +1,6 @@
 """Checkpoints: save/resume a training run exactly, and load trained models for later stages.
 
-    <base>/checkpoints/<kind>/<tag>/step_000123/      kind: base | sft, tag: e.g. d12
+    <base>/checkpoints/<source>/<tag>/step_000123/    source: base | sft (-i), tag: e.g. d12
         model.safetensors model state_dict (fp32 master weights, no `_orig_mod.`/`module.` prefixes)
         optim.pt          list of optimizer state_dicts (identical on every rank: DDP, not ZeRO)
         rank{r}.pt        per rank: dataloader state and RNG states (python, numpy, torch, cuda)
@@ -36,8 +36,8 @@ LEGACY_WEIGHTS = "model.pt"  # written by nanopipe before safetensors; still rea
 PRODUCER = {"base": "python -m scripts.base_train", "sft": "python -m scripts.chat_sft"}
 
 
-def checkpoint_root(kind: str) -> Path:
-    return get_base_dir() / "checkpoints" / kind
+def checkpoint_root(source: str) -> Path:
+    return get_base_dir() / "checkpoints" / source
 
 
 def step_dir(checkpoint_dir, step: int) -> Path:
@@ -361,12 +361,12 @@ def _depth_of(tag: str):
     return int(match.group(1)) if match else None
 
 
-def default_tag(kind: str) -> str:
+def default_tag(source: str) -> str:
     """The largest d<N> tag with a complete checkpoint (else the most recently written tag)."""
-    root = checkpoint_root(kind)
+    root = checkpoint_root(source)
     tags = [p for p in root.iterdir() if p.is_dir() and list_steps(p)] if root.is_dir() else []
     if not tags:
-        raise UserError(f"no {kind} model in {root}: run `{PRODUCER[kind]}` first")
+        raise UserError(f"no {source} model in {root}: run `{PRODUCER[source]}` first")
     depth_tags = [p for p in tags if _depth_of(p.name) is not None]
     if depth_tags:
         return max(depth_tags, key=lambda p: _depth_of(p.name)).name
@@ -385,14 +385,14 @@ def build_model_from_meta(meta: dict, state_dict: dict, device, file: Path | Non
     return model
 
 
-def load_model(kind: str, tag: str | None = None, step: int | None = None, device="cpu"):
+def load_model(source: str, tag: str | None = None, step: int | None = None, device="cpu"):
     """(model in eval mode, tokenizer, meta) of a saved base or sft model: the last step of the tag by default."""
-    if kind not in PRODUCER:
-        raise ValueError(f"unknown checkpoint kind {kind!r}: use base or sft")
-    tag = tag or default_tag(kind)
-    checkpoint_dir = checkpoint_root(kind) / tag
+    if source not in PRODUCER:
+        raise ValueError(f"unknown model source {source!r}: use base or sft")
+    tag = tag or default_tag(source)
+    checkpoint_dir = checkpoint_root(source) / tag
     if not list_steps(checkpoint_dir):
-        raise UserError(f"no {kind} checkpoint in {checkpoint_dir}: run `{PRODUCER[kind]}` (with --model-tag {tag}) first")
+        raise UserError(f"no {source} checkpoint in {checkpoint_dir}: run `{PRODUCER[source]}` (with --model-tag {tag}) first")
     if step is None:
         step = find_last_step(checkpoint_dir)
     path = step_dir(checkpoint_dir, step)

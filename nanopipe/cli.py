@@ -6,6 +6,7 @@
     p.add_argument("--eval-every", type=cli.integer(1, allow=((-1, "never"),)), default=250)
     p.add_argument("--warmup-ratio", type=cli.fraction(), default=0.0)                # in [0, 1]
     p.add_argument("--model-tag", type=cli.name, default=None)                        # one plain folder name
+    cli.old_spelling(p, p.add_argument("--eval-tokens", type=cli.integer(1)), "--split-tokens")  # hidden old name
 
 A bad value is one line, `error: argument --depth: ...`, and exit code 2, before anything is read or written.
 """
@@ -130,6 +131,13 @@ def choices_list(choices):
 
     parse.__name__ = "list"
     return parse
+
+
+def old_spelling(parser, action, *old: str):
+    """Accept `old`, what `action`'s flag was called before, for one release (users' scripts keep working);
+    --help shows only the new name."""
+    parser.add_argument(*old, dest=action.dest, type=action.type, choices=action.choices,
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 # the meaning of -1 where a flag takes it

@@ -127,7 +127,7 @@ def tokenizer_files(tokenizer, sequence_len: int) -> tuple[str, dict]:
     return hf.to_str(), config
 
 
-def model_card(meta: dict, kind: str, sections: dict) -> str:
+def model_card(meta: dict, source: str, sections: dict) -> str:
     """README.md for the folder: what the model is and what the run's report measured."""
     config = meta.get("model_config", {})
     base_meta = meta
@@ -139,7 +139,7 @@ def model_card(meta: dict, kind: str, sections: dict) -> str:
     chat_eval = sections.get("chat_eval_sft", {}).get("data", {})
     val_bpb = (base_eval.get("bpb") or {}).get("val", train_data.get("val_bpb"))
     rows = [
-        ("model", f"nanopipe GPT, {kind} checkpoint `{meta.get('tag', '?')}` step {meta.get('step', '?')}"),
+        ("model", f"nanopipe GPT, {source} checkpoint `{meta.get('tag', '?')}` step {meta.get('step', '?')}"),
         ("depth / width / heads", f"{config.get('n_layer')} / {config.get('n_embd')} / {config.get('n_head')}"),
         ("context", config.get("sequence_len")),
         ("vocabulary", config.get("vocab_size")),
@@ -147,7 +147,7 @@ def model_card(meta: dict, kind: str, sections: dict) -> str:
         ("pretraining data", base_meta.get("data") or train_config.get("data")),
         ("pretraining tokens", train_data.get("tokens")),
         ("pretraining steps", train_data.get("num_steps")),
-        ("SFT mixture", meta.get("mixture") if kind == "sft" else None),
+        ("SFT mixture", meta.get("mixture") if source == "sft" else None),
         ("val bpb", val_bpb),
         (report.core_label(base_eval), base_eval.get("core")),
         ("ChatCORE", chat_eval.get("chatcore")),
@@ -163,7 +163,7 @@ library_name: transformers
 tags: [nanopipe, text-generation]
 ---
 
-# nanopipe {meta.get('tag', '')} ({kind})
+# nanopipe {meta.get('tag', '')} ({source})
 
 A small chat model trained end to end with nanopipe (tokenizer, pretraining, SFT). The architecture is nanopipe's
 GPT (value embeddings, per-layer residual scalars, QK-norm, ReLU² MLP, softcapped logits); the modelling code
@@ -191,7 +191,7 @@ The chat template renders conversations exactly as nanopipe does; calculator cal
 """
 
 
-def _write_folder(folder: Path, model, tokenizer, meta: dict, kind: str, sections: dict):
+def _write_folder(folder: Path, model, tokenizer, meta: dict, source: str, sections: dict):
     from safetensors.torch import save_file
     config = hf_config(model.config, tokenizer)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -202,7 +202,7 @@ def _write_folder(folder: Path, model, tokenizer, meta: dict, kind: str, section
     tokenizer_json, tokenizer_config = tokenizer_files(tokenizer, model.config.sequence_len)
     (folder / "tokenizer.json").write_text(tokenizer_json)
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(meta, kind, sections))
+    (folder / "README.md").write_text(model_card(meta, source, sections))
 
 
 def check_export(folder: Path, model, tokens: list[int]) -> float:
@@ -225,7 +225,7 @@ def check_export(folder: Path, model, tokens: list[int]) -> float:
     return (expected - got).abs().max().item()
 
 
-def export_model(model, tokenizer, meta: dict, kind: str, out, overwrite: bool = False, check: bool = True) -> Path:
+def export_model(model, tokenizer, meta: dict, source: str, out, overwrite: bool = False, check: bool = True) -> Path:
     """Write the folder for `model` into `out` (atomically: built beside it, checked, then renamed)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -233,7 +233,7 @@ def export_model(model, tokenizer, meta: dict, kind: str, out, overwrite: bool =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        _write_folder(tmp, model, tokenizer, meta, kind, report.read_sections())
+        _write_folder(tmp, model, tokenizer, meta, source, report.read_sections())
         if check:
             tokens = tokenizer.encode("The export check reads a few ordinary words.", prepend=tokenizer.bos_token_id)
             tokens = tokens[:model.config.sequence_len]

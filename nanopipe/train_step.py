@@ -241,7 +241,7 @@ class StepProgress:
 class StepClock:
     """Seconds per step, excluding each run's first step (compilation, warmup): tok/s, MFU and the ETA."""
 
-    def __init__(self, loop: dict, tokens_per_step: int, flops_per_token: float, peak_flops: float | None,
+    def __init__(self, loop, tokens_per_step: int, flops_per_token: float, peak_flops: float | None,
                  world: int):
         self.loop, self.tokens, self.flops, self.peak, self.world = loop, tokens_per_step, flops_per_token, \
             peak_flops, world
@@ -254,8 +254,8 @@ class StepClock:
     def stop(self) -> dict:
         dt = time.perf_counter() - self.t0
         if not self.first:
-            self.loop["train_seconds"] += dt
-            self.loop["timed_steps"] += 1
+            self.loop.train_seconds += dt
+            self.loop.timed_steps += 1
         self.first = False
         tok_per_sec = self.tokens / dt
         return {"dt": dt, "tok_per_sec": tok_per_sec, "mfu": self.mfu(tok_per_sec)}
@@ -264,5 +264,5 @@ class StepClock:
         return 100 * self.flops * tok_per_sec / (self.peak * self.world) if self.peak and tok_per_sec else None
 
     def mean_step_seconds(self, fallback: float) -> float:
-        timed = self.loop["timed_steps"]
-        return self.loop["train_seconds"] / timed if timed else fallback
+        timed = self.loop.timed_steps
+        return self.loop.train_seconds / timed if timed else fallback

@@ -3,6 +3,7 @@
 import json
 import math
 import resource
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -101,7 +102,24 @@ def series_from_log(records: list[dict], key: str, ylabel: str) -> dict:
     return {"x": [s for s, _ in points], "y": [v for _, v in points], "xlabel": "optimizer step", "ylabel": ylabel}
 
 
-def resume_training(checkpoint_dir: Path, resume: bool, model, optimizers, loop: dict, device, rank: int,
+@dataclass
+class LoopState:
+    """What a training loop carries from step to step; saved in every checkpoint (meta.json "loop_state")."""
+    smooth_loss: float = 0.0  # EMA (0.9) of the train loss, not yet debiased
+    train_seconds: float = 0.0  # time in timed steps (each process's first step, with compilation, is not)
+    timed_steps: int = 0  # steps counted in train_seconds
+
+    def load(self, saved: dict):
+        """Take the fields a checkpoint saved (meta.json's "loop_state" dict). A field it lacks keeps its
+        default, so a checkpoint written before that field existed still resumes."""
+        if not isinstance(saved, dict):
+            raise TypeError("loop_state")
+        for field in fields(self):
+            if field.name in saved:
+                setattr(self, field.name, saved[field.name])
+
+
+def resume_training(checkpoint_dir: Path, resume: bool, model, optimizers, loop: LoopState, device, rank: int,
                     check_meta=None) -> tuple[int, object]:
     """Continue a run from its last checkpoint: model, optimizers, RNG and `loop` (updated in place).
 
@@ -122,14 +140,13 @@ def resume_training(checkpoint_dir: Path, resume: bool, model, optimizers, loop:
     try:
         if check_meta is not None:
             check_meta(ckpt["meta"])
-        loop_state = dict(ckpt["meta"]["loop_state"])
+        loop.load(ckpt["meta"]["loop_state"])
     except UserError as e:  # made by another configuration: name the checkpoint as well as the flag
         raise UserError(f"{meta_file}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"cannot read {meta_file} (no {e} in it): the checkpoint is damaged or was written by "
                         f"another stage; delete {ckpt['path']} (or the whole {checkpoint_dir}) and rerun") from None
     restore(ckpt, model, optimizers)
-    loop.update(loop_state)
     print0(f"resuming {checkpoint_dir} from step {last_step}")
     return last_step, ckpt["loader"]
 
@@ -138,12 +155,6 @@ def peak_memory_mb(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def muon_momentum(it: int) -> float:
-    """Muon momentum warms up from 0.85 to 0.95 over the first 300 steps."""
-    frac = min(it / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
 
 
 def check_finite(step: int, loss: float, grad_norm: float, checkpoint_dir: Path, saved_step: int | None,

@@ -26,12 +26,13 @@ EVALS = ("core", "bpb", "sample", "text")
 def parse_args(argv=None):
     parser = cli.ArgumentParser(prog="python -m scripts.base_eval", description=__doc__.strip().split("\n\n")[0])
     parser.add_argument("--eval", default="core,bpb,sample", help=f"comma-separated subset of {','.join(EVALS)}")
-    parser.add_argument("--max-per-task", type=cli.integer(1, allow=cli.ALL), default=-1,
+    parser.add_argument("-x", "--max-per-task", type=cli.integer(1, allow=cli.ALL), default=-1,
                         help="CORE items per task (-1: all)")
     parser.add_argument("--device-batch-size", type=cli.integer(1), default=16, help="sequences per forward pass")
-    parser.add_argument("--split-tokens", type=cli.integer(1), default=10 * 524288, help="tokens per split for bpb")
-    parser.add_argument("--model-tag", type=cli.name, default=None, help="checkpoint tag (default: the latest)")
-    parser.add_argument("--step", type=cli.integer(0), default=None, help="checkpoint step (default: the last)")
+    cli.old_spelling(parser, parser.add_argument("--eval-tokens", type=cli.integer(1), default=10 * 524288,
+                                                 help="tokens per split for bpb"), "--split-tokens")
+    parser.add_argument("-g", "--model-tag", type=cli.name, default=None, help="checkpoint tag (default: the latest)")
+    parser.add_argument("-s", "--step", type=cli.integer(0), default=None, help="checkpoint step (default: the last)")
     parser.add_argument("--data", type=cli.name, default=None,
                         help="dataset for bpb and the CORE bundle choice (default: $NANOPIPE_DATA or fineweb-edu)")
     parser.add_argument("--text", nargs="+", default=[], help="text files for --eval text")
@@ -83,7 +84,7 @@ def main(argv=None):
 
         if "bpb" in args.evals:
             seq_len = model.config.sequence_len
-            steps = max(1, args.split_tokens // (args.device_batch_size * seq_len * info.world_size))
+            steps = max(1, args.eval_tokens // (args.device_batch_size * seq_len * info.world_size))
             bpb = {}
             for split in ("train", "val"):
                 loader = PretrainLoader(tokenizer, data_name, split, args.device_batch_size, seq_len, device=device,

@@ -27,25 +27,16 @@ from nanopipe.dataloader import PretrainLoader
 from nanopipe.engine import greedy_samples
 from nanopipe.gpt import GPT, build_model, config_from_depth
 from nanopipe.loss_eval import evaluate_bpb
-from nanopipe.memory import FITS_FRACTION, GIB, predict_peaks
-from nanopipe.optim import setup_optimizers
+from nanopipe.memory import FITS_FRACTION, GIB
+from nanopipe.pretrain import (REFERENCE_RATIO, Plan, PretrainLoopState, PretrainReport, apply_schedules,
+                               check_resumable, fitting_batch_size, gpu_memory_bytes, make_optimizers, make_plan,
+                               out_of_memory_message, predicted_peak, resolve_device_batch_size)
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import get_tokenizer
 from nanopipe.train_step import Prefetcher, StepClock, StepProgress, TrainStep, training_dtype, wrap_model
 from nanopipe.training import MetricLog, check_finite, peak_memory_mb, read_log, resume_training, series_from_log
 from tasks.profile import data_profile
 
-# the reference point of every depth-derived hyperparameter: d12 (width 768) trained at ratio 12 (upstream's
-# re-run scaling law; the fork used 10.5) with 2^19-token batches. It is one fixed run, whatever this run's
-# --target-param-data-ratio/--aspect-ratio/--head-dim: batch (Power Lines) and weight decay (T_epoch) then
-# follow this run's own token count relative to it.
-REFERENCE_DEPTH = 12
-REFERENCE_BATCH = 2**19
-REFERENCE_RATIO = 12
-# Muon momentum: 0.85 -> 0.97 over the first 16% of the run (upstream's 400 of 2,520 steps at d12), then
-# down to 0.90 across the LR warmdown (less momentum as the LR anneals)
-MOMENTUM_WARMUP_RATIO = 0.16
-MOMENTUM_START, MOMENTUM_PEAK, MOMENTUM_END = 0.85, 0.97, 0.90
 INITIAL_LOSS_TOLERANCE = 1.0  # nats away from ln(vocab) at step 1 means an init or data bug
 SPIKE_FACTOR = 5.0  # a grad norm this many times its running average is a spike
 # the largest model shapes the flags accept (rotary tables hold 10x the context)
@@ -94,14 +85,14 @@ def parse_args(argv=None):
     g.add_argument("--eval-tokens", type=cli.integer(1), default=40 * 2**19)
     g.add_argument("--core-metric-every", type=cli.integer(1, allow=cli.NEVER), default=2000,
                    help="CORE every N steps (-1: never)")
-    g.add_argument("--core-metric-max-per-task", type=cli.integer(1, allow=cli.ALL), default=500,
-                   help="CORE items per task (-1: all)")
+    cli.old_spelling(g, g.add_argument("-x", "--max-per-task", type=cli.integer(1, allow=cli.ALL), default=500,
+                                       help="CORE items per task (-1: all)"), "--core-metric-max-per-task")
     g.add_argument("--sample-every", type=cli.integer(1, allow=cli.NEVER), default=2000,
                    help="greedy samples every N steps (-1: never)")
     g.add_argument("--save-every", type=cli.integer(1, allow=cli.LAST), default=-1,
                    help="checkpoint every N steps (-1: only the last)")
     g.add_argument("--keep-last", type=cli.integer(1), default=2, help="checkpoints kept")
-    g.add_argument("--model-tag", type=cli.name, default=None, help="checkpoint folder name (default d<depth>)")
+    g.add_argument("-g", "--model-tag", type=cli.name, default=None, help="checkpoint folder name (default d<depth>)")
     g.add_argument("--tensorboard", action="store_true", help="also log to <base>/logs/tensorboard/<tag>")
     g.add_argument("--wandb", default=None, metavar="RUN", help="also log to wandb under this run name")
     g = p.add_argument_group("run")
@@ -139,109 +130,6 @@ def batch_size_arg(text: str):
     return "auto" if text == "auto" else cli.integer(1)(text)
 
 
-# ---------------------------------------------------------------------------------------------
-# the plan: everything derived from --depth
-
-def scaling_params_of(config) -> int:
-    with torch.device("meta"):
-        return GPT(config).num_scaling_params()
-
-
-def valid_device_batch_sizes(total_batch: int, seq_len: int, world: int) -> list[int]:
-    per_row = seq_len * world
-    return [b for b in range(1, total_batch // per_row + 1) if total_batch % (b * per_row) == 0]
-
-
-def make_plan(args, config, world_size: int, device_batch_size: int | None = None) -> dict:
-    """Batch size, steps, LR scale and weight decay for this depth, derived as nanochat's base_train does.
-    `device_batch_size` (default: the flag's) only sets the gradient accumulation."""
-    device_batch_size = device_batch_size or args.device_batch_size
-    scaling_params = scaling_params_of(config)
-    reference = config_from_depth(REFERENCE_DEPTH, config.vocab_size, config.sequence_len)
-    d_ref = REFERENCE_RATIO * scaling_params_of(reference)
-    target_tokens = args.target_param_data_ratio * scaling_params
-    if args.total_batch_size > 0:
-        total_batch = args.total_batch_size
-    else:  # Power Lines: the optimal batch grows as D^0.383
-        total_batch = 2 ** round(math.log2(REFERENCE_BATCH * (target_tokens / d_ref) ** 0.383))
-    tokens_per_micro = device_batch_size * config.sequence_len * world_size
-    if total_batch % tokens_per_micro:
-        sizes = valid_device_batch_sizes(total_batch, config.sequence_len, world_size)
-        raise UserError(f"total batch {total_batch:,} tokens is not a multiple of --device-batch-size "
-                        f"{device_batch_size} x seq {config.sequence_len} x {world_size} rank(s) = "
-                        f"{tokens_per_micro:,}: use --device-batch-size in {sizes or 'none'} "
-                        f"or a --total-batch-size that is a multiple of {tokens_per_micro:,}")
-    with torch.device("meta"):
-        flops_per_token = GPT(config).flops_per_token()
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    elif args.target_flops > 0:
-        num_iterations = round(args.target_flops / (flops_per_token * total_batch))
-    else:
-        num_iterations = int(target_tokens // total_batch)
-    if num_iterations < 1:
-        raise UserError(f"the plan has {num_iterations} steps: raise --num-iterations/--target-flops/"
-                        f"--target-param-data-ratio or lower --total-batch-size")
-    return {
-        "scaling_params": scaling_params,
-        "target_tokens": int(target_tokens),
-        "total_batch_size": total_batch,
-        "grad_accum": total_batch // tokens_per_micro,
-        "num_iterations": num_iterations,
-        "tokens": num_iterations * total_batch,
-        "flops_per_token": flops_per_token,
-        "total_flops": flops_per_token * num_iterations * total_batch,
-        # sqrt LR scaling with batch size, and the T_epoch rule for weight decay (wd * lr * horizon constant)
-        "lr_scale": math.sqrt(total_batch / REFERENCE_BATCH),
-        "weight_decay": args.weight_decay * math.sqrt(total_batch / REFERENCE_BATCH) * d_ref / target_tokens,
-    }
-
-
-def lr_multiplier(it: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_frac: float):
-    """Linear warmup, constant, then linear warmdown to final_frac; `it` = steps already taken.
-
-    A warmdown to 5% rather than 0 (upstream): the last steps still learn something."""
-    warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
-    if it < warmup:
-        return (it + 1) / warmup
-    if it <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - it) / warmdown
-    return progress + (1 - progress) * final_frac
-
-
-def muon_momentum(it: int, num_iterations: int, warmdown_ratio: float) -> float:
-    """Ramp up over the first MOMENTUM_WARMUP_RATIO of the run, hold, then ramp down across the warmdown."""
-    ramp = max(1, round(MOMENTUM_WARMUP_RATIO * num_iterations))
-    warmdown = round(warmdown_ratio * num_iterations)
-    if it < ramp:
-        return MOMENTUM_START + (MOMENTUM_PEAK - MOMENTUM_START) * it / ramp
-    if it <= num_iterations - warmdown:
-        return MOMENTUM_PEAK
-    frac = (it - (num_iterations - warmdown)) / warmdown
-    return MOMENTUM_PEAK + (MOMENTUM_END - MOMENTUM_PEAK) * frac
-
-
-def muon_weight_decay(it: int, num_iterations: int, weight_decay: float) -> float:
-    """Cosine from the plan's weight decay to 0 (upstream; it was linear): strong early, gone at the end."""
-    return weight_decay * 0.5 * (1 + math.cos(math.pi * it / num_iterations))
-
-
-def apply_schedules(optimizers, it, num_iterations, args, weight_decay):
-    lrm = lr_multiplier(it, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-    adamw, muon = optimizers
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for group in muon.param_groups:
-        group["momentum"] = muon_momentum(it, num_iterations, args.warmdown_ratio)
-        group["weight_decay"] = muon_weight_decay(it, num_iterations, weight_decay)
-    return lrm
-
-
-# ---------------------------------------------------------------------------------------------
-
 def main(argv=None):
     args = parse_args(argv)
     with Stage("base_train", args) as stage:
@@ -263,16 +151,62 @@ def load_tokenizer(args):
         return None, 32768
 
 
-def describe(config, plan, model_counts, num_params, batch, world, device, dtype):
-    N, total_batch = plan["num_iterations"], plan["total_batch_size"]
+def describe(config, plan: Plan, model_counts, num_params, batch, world, device, dtype):
     print0(f"model: depth {config.n_layer}, width {config.n_embd}, {config.n_head} heads of {config.head_dim}, "
            f"seq {config.sequence_len}, vocab {config.vocab_size:,}")
     print0("parameters: " + ", ".join(f"{k} {v:,}" for k, v in model_counts.items())
-           + f"; total {num_params:,}, scaling {plan['scaling_params']:,}")
-    print0(f"plan: {N:,} steps x {total_batch:,} tokens = {plan['tokens']:,} tokens "
-           f"(ratio {plan['tokens'] / plan['scaling_params']:.1f}), {plan['flops_per_token']:.3e} FLOPs/token, "
-           f"{plan['total_flops']:.3e} FLOPs; grad accum {plan['grad_accum']} x {batch} rows x {world} rank(s); "
-           f"LR x{plan['lr_scale']:.3f}, Muon wd {plan['weight_decay']:.4f}; device {device}, {dtype}")
+           + f"; total {num_params:,}, scaling {plan.scaling_params:,}")
+    print0(f"plan: {plan.num_iterations:,} steps x {plan.total_batch_size:,} tokens = {plan.tokens:,} tokens "
+           f"(ratio {plan.tokens / plan.scaling_params:.1f}), {plan.flops_per_token:.3e} FLOPs/token, "
+           f"{plan.total_flops:.3e} FLOPs; grad accum {plan.grad_accum} x {batch} rows x {world} rank(s); "
+           f"LR x{plan.lr_scale:.3f}, Muon wd {plan.weight_decay:.4f}; device {device}, {dtype}")
+
+
+class Evals:
+    """The evaluations of a run: val bpb, CORE and greedy samples (rank 0), each every N steps and at the end."""
+
+    def __init__(self, args, model, tokenizer, profile, batch, device, info, amp):
+        self.args, self.model, self.tokenizer, self.device, self.amp = args, model, tokenizer, device, amp
+        self.val_loader = lambda: PretrainLoader(tokenizer, profile.data_name, "val", batch, model.config.sequence_len,
+                                                 device, info.rank, info.world_size)
+        self.eval_steps = max(1, args.eval_tokens // (batch * model.config.sequence_len * info.world_size))
+        self.token_bytes = tokenizer.token_bytes().to(device)
+        self.bundle_dir = profile.eval_bundle_dir() if args.core_metric_every > 0 else None  # fail fast if missing
+        self.profile = profile
+        self.master = info.rank == 0
+        self.samples = []
+
+    def val_bpb(self) -> float:
+        with self.amp:
+            return evaluate_bpb(self.model, self.val_loader(), self.eval_steps, self.token_bytes)
+
+    def core(self) -> float:
+        from nanopipe.core_eval import evaluate_core  # heavy eval code, only loaded when CORE is on
+        with self.amp:
+            return evaluate_core(self.model, self.tokenizer, self.bundle_dir, self.device,
+                                 max_per_task=self.args.max_per_task, show_progress=False)["core"]
+
+    def sample(self):
+        """Greedy 16-token continuations of the data profile's prompts: a quick look at what the model learned."""
+        with self.amp:
+            self.samples = greedy_samples(self.model, self.tokenizer, self.profile.sample_prompts())
+        print("\n" + "\n".join(f"  {line!r}" for line in self.samples))
+
+    def run(self, step: int, record: dict, loop: PretrainLoopState, note, final=False):
+        """The evals due at `step` (all that are on when `final`), their results added to `record`."""
+        args = self.args
+
+        def due(every):
+            return every > 0 and (final or step % every == 0)
+
+        if due(args.eval_every):
+            loop.val_bpb = record["val_bpb"] = self.val_bpb()
+            note(f"{'final' if final else f'step {step}:'} val bpb {record['val_bpb']:.4f}")
+        if due(args.core_metric_every):
+            record["core"] = self.core()
+            note(f"{'final' if final else f'step {step}:'} CORE {record['core']:.4f}")
+        if due(args.sample_every) and self.master:
+            self.sample()
 
 
 def train(args, stage):
@@ -286,64 +220,42 @@ def train(args, stage):
     profile = data_profile(args.data)
     data_name = profile.data_name
     config = config_from_depth(args.depth, vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim)
-    batch = args.device_batch_size
-    if batch == "auto":
-        capacity = gpu_memory_bytes(args, device, fake=False)
-        if capacity is None:
-            raise UserError("--device-batch-size auto sizes the batch to a GPU's memory: use it on a CUDA GPU, "
-                            "or give a number of rows")
-        batch = fitting_batch_size(args, config, world, device, dtype, capacity)[0]
-        print0(f"--device-batch-size auto: {batch} rows fit the GPU's {capacity / GIB:.1f} GB")
+    batch = resolve_device_batch_size(args, config, world, device, dtype)
     plan = make_plan(args, config, world, batch)
-    N, grad_accum, total_batch = plan["num_iterations"], plan["grad_accum"], plan["total_batch_size"]
+    N, total_batch = plan.num_iterations, plan.total_batch_size
     tag = args.model_tag or f"d{args.depth}"
     ckpt_dir = checkpoint_root("base") / tag
-    peak = peak_flops(device)
     model = build_model(config, device)
     describe(config, plan, model.param_counts(), model.num_params(), batch, world, device, dtype)
     optimizers = make_optimizers(model, args, plan)
 
     # resume: model, optimizers, loader position, RNG and loop state from the last checkpoint
-    loop = {"smooth_loss": 0.0, "grad_norm_ema": 0.0, "train_seconds": 0.0, "timed_steps": 0, "val_bpb": None}
+    loop = PretrainLoopState()
     start_step, loader_state = resume_training(ckpt_dir, args.resume, model, optimizers, loop, device, rank,
                                                lambda meta: check_resumable(meta, config, plan, batch, world))
-    token_bytes = tokenizer.token_bytes().to(device)
-    bundle_dir = profile.eval_bundle_dir() if args.core_metric_every > 0 else None  # fail fast if missing
+    evals = Evals(args, model, tokenizer, profile, batch, device, info, amp)
     train_loader = Prefetcher(PretrainLoader(tokenizer, data_name, "train", batch, config.sequence_len, device, rank,
-                                             world, state=loader_state), depth=2 * grad_accum)
-    eval_steps = max(1, args.eval_tokens // (batch * config.sequence_len * world))
-
-    def val_bpb():
-        val_loader = PretrainLoader(tokenizer, data_name, "val", batch, config.sequence_len, device, rank, world)
-        with amp:
-            return evaluate_bpb(model, val_loader, eval_steps, token_bytes)
-
+                                             world, state=loader_state), depth=2 * plan.grad_accum)
     train_model = wrap_model(model, info, device, args.compile)
-    step_fn = TrainStep(model, train_model, optimizers, grad_accum, amp, args.grad_clip, info.is_ddp, world)
-    clock = StepClock(loop, total_batch, plan["flops_per_token"], peak, world)
+    step_fn = TrainStep(model, train_model, optimizers, plan.grad_accum, amp, args.grad_clip, info.is_ddp, world)
+    clock = StepClock(loop, total_batch, plan.flops_per_token, peak_flops(device), world)
     log = MetricLog(get_base_dir() / "logs" / f"{tag}.jsonl", start_step, args, tag, enabled=master,
                     checkpoint_dir=ckpt_dir)
-    meta_common = {"user_config": vars(args), "plan": plan, "tag": tag, "data": data_name,
-                   "device_batch_size": batch, "max_seq_len": config.sequence_len}
-
-    def save(step, record):
-        meta = dict(meta_common, loop_state=loop, val_bpb=loop["val_bpb"], log_record=record)
-        return save_checkpoint(ckpt_dir, step, model, optimizers, meta, train_loader.state_dict(), rng_state(),
-                               keep_last=args.keep_last)
+    meta = {"user_config": vars(args), "plan": asdict(plan), "tag": tag, "data": data_name,
+            "device_batch_size": batch, "max_seq_len": config.sequence_len}
 
     if start_step == 0 and args.eval_every > 0:
-        loop["val_bpb"] = val_bpb()
-        print0(f"step 0: val bpb {loop['val_bpb']:.4f}")
-        log.write({"step": 0, "val_bpb": loop["val_bpb"]})
+        loop.val_bpb = evals.val_bpb()
+        print0(f"step 0: val bpb {loop.val_bpb:.4f}")
+        log.write({"step": 0, "val_bpb": loop.val_bpb})
 
-    samples = []
     # a context manager, so the bar is closed before an error line is printed
     with StepProgress(N, start_step, "base_train", master) as progress:
         saved_step = start_step or None  # the checkpoint a divergence falls back to
         for it in range(start_step, N):
             step = it + 1
             clock.start()
-            lrm = apply_schedules(optimizers, it, N, args, plan["weight_decay"])
+            lrm = apply_schedules(optimizers, it, N, args, plan.weight_decay)
             try:
                 stats = step_fn.run(train_loader)
             except torch.OutOfMemoryError:
@@ -351,149 +263,59 @@ def train(args, stage):
                     raise
                 raise UserError(out_of_memory_message(args, config, world, device, dtype, batch)) from None
             train_loss, grad_norm = stats["loss"], stats["grad_norm"]
-            if it == 0 and abs(train_loss - math.log(config.vocab_size)) > INITIAL_LOSS_TOLERANCE:
-                raise UserError(f"initial loss {train_loss:.3f} is far from ln(vocab) = {math.log(config.vocab_size):.3f}: "
-                                f"an init or data bug (check the tokenizer and dataset {data_name})")
+            if it == 0:
+                check_initial_loss(train_loss, config.vocab_size, data_name)
             check_finite(step, train_loss, grad_norm, ckpt_dir, saved_step,
                          "--matrix-lr/--embedding-lr/--unembedding-lr")
-            spike = it >= 10 and grad_norm > SPIKE_FACTOR * loop["grad_norm_ema"]
+            spike = it >= 10 and grad_norm > SPIKE_FACTOR * loop.grad_norm_ema
             skipped = spike and args.skip_spikes
             step_fn.update(apply=not skipped)
             if not skipped:
-                loop["grad_norm_ema"] = grad_norm if it == 0 else 0.9 * loop["grad_norm_ema"] + 0.1 * grad_norm
+                loop.grad_norm_ema = grad_norm if it == 0 else 0.9 * loop.grad_norm_ema + 0.1 * grad_norm
             timing = clock.stop()
-            loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
-            record = {"step": step, "loss": train_loss, "lr": lrm * args.matrix_lr * plan["lr_scale"], "lrm": lrm,
+            loop.smooth_loss = 0.9 * loop.smooth_loss + 0.1 * train_loss
+            record = {"step": step, "loss": train_loss, "lr": lrm * args.matrix_lr * plan.lr_scale, "lrm": lrm,
                       **timing, "grad_norm": grad_norm}
             if spike:
-                record["spike"] = True
-                record["skipped"] = skipped
+                record.update(spike=True, skipped=skipped)
                 progress.note(f"step {step}: grad norm spike {grad_norm:.3g} (running mean "
-                              f"{loop['grad_norm_ema']:.3g})" + ("; update skipped" if skipped else ""))
-
-            last = step == N
-            if last or (args.save_every > 0 and step % args.save_every == 0):
-                save(step, record)  # before any eval: an eval that dies (OOM on unified memory, #446) loses nothing
+                              f"{loop.grad_norm_ema:.3g})" + ("; update skipped" if skipped else ""))
+            if step == N or (args.save_every > 0 and step % args.save_every == 0):
+                # before any eval: an eval that dies (OOM on unified memory, #446) loses nothing
+                save_checkpoint(ckpt_dir, step, model, optimizers,
+                                dict(meta, loop_state=asdict(loop), val_bpb=loop.val_bpb, log_record=record),
+                                train_loader.state_dict(), rng_state(), keep_last=args.keep_last)
                 saved_step = step
-            if not last:
-                if args.eval_every > 0 and step % args.eval_every == 0:
-                    loop["val_bpb"] = record["val_bpb"] = val_bpb()
-                    progress.note(f"step {step}: val bpb {record['val_bpb']:.4f}")
-                if args.core_metric_every > 0 and step % args.core_metric_every == 0:
-                    record["core"] = core_metric(model, tokenizer, bundle_dir, device, args, amp)
-                    progress.note(f"step {step}: CORE {record['core']:.4f}")
-                if args.sample_every > 0 and step % args.sample_every == 0 and master:
-                    samples = sample(model, tokenizer, profile.sample_prompts(), amp)
+            if step < N:  # the last step's evals run after the loop, on the uncompiled model
+                evals.run(step, record, loop, progress.note)
             log.write(record)
             mean_dt = clock.mean_step_seconds(timing["dt"])
-            progress.step(step, {"loss": loop["smooth_loss"] / (1 - 0.9 ** step), "lr": lrm, "dt": timing["dt"],
+            progress.step(step, {"loss": loop.smooth_loss / (1 - 0.9 ** step), "lr": lrm, "dt": timing["dt"],
                                  "tok/s": total_batch / mean_dt, "mfu": clock.mfu(total_batch / mean_dt)},
                           eta_seconds=mean_dt * (N - step))
     train_loader.close()
 
     # final evals on the uncompiled model; the final checkpoint is already on disk
     final = {"step": N, "final": True}
-    if args.eval_every > 0:
-        loop["val_bpb"] = final["val_bpb"] = val_bpb()
-        print0(f"final val bpb {final['val_bpb']:.4f}")
-    if args.core_metric_every > 0:
-        final["core"] = core_metric(model, tokenizer, bundle_dir, device, args, amp)
-        print0(f"final CORE {final['core']:.4f}")
-    if args.sample_every > 0 and master:
-        samples = sample(model, tokenizer, profile.sample_prompts(), amp)
+    evals.run(N, final, loop, print0, final=True)
     if master:
-        update_meta(ckpt_dir, N, val_bpb=loop["val_bpb"], core=final.get("core"))
+        update_meta(ckpt_dir, N, val_bpb=loop.val_bpb, core=final.get("core"))
     log.write(final)
     log.close()
-    write_report(stage, args, model, plan, loop, final, samples, device, peak, world, log.path, ckpt_dir, tag)
+    records = read_log(log.path) if log.path.exists() else []
+    data = PretrainReport.of_run(plan, loop, final, records, params=model.num_params(), peak_flops=peak_flops(device),
+                                 peak_memory_mb=peak_memory_mb(device), world_size=world, checkpoint=str(ckpt_dir))
+    stage.report(data.markdown(tag, config, device, evals.samples), asdict(data),
+                 {"train_loss": series_from_log(records, "loss", "train loss (nats/token)"),
+                  "val_bpb": series_from_log(records, "val_bpb", "val bpb (bits/byte)")})
     cleanup_distributed()
 
 
-def make_optimizers(model, args, plan):
-    lr_scale = plan["lr_scale"]
-    return setup_optimizers(model, matrix_lr=args.matrix_lr * lr_scale, embedding_lr=args.embedding_lr * lr_scale,
-                            unembedding_lr=args.unembedding_lr * lr_scale, scalar_lr=args.scalar_lr * lr_scale,
-                            weight_decay=plan["weight_decay"], compile=args.compile)
-
-
-# ---------------------------------------------------------------------------------------------
-# memory: the traced peak of the planned step (nanopipe.memory), the batch that fits
-
-def gpu_memory_bytes(args, device: str, fake: bool) -> int | None:
-    """The GPU memory to plan for: --gpu-memory-gb, else the GPU's own (None without a GPU)."""
-    if args.gpu_memory_gb:
-        return int(args.gpu_memory_gb * GIB)
-    if device == "cuda" and not fake:
-        return torch.cuda.mem_get_info()[1]
-    return None
-
-
-def predicted_peak(args, config, world, device, dtype, batch: int) -> dict:
-    """The traced peak memory (one rank) of a step with this device batch."""
-    accum = make_plan(args, config, world, batch)["grad_accum"]
-    return predict_peaks(asdict(config), device, str(dtype).removeprefix("torch."), args.compile, [(batch, accum)])[0]
-
-
-def fitting_batch_size(args, config, world, device, dtype, capacity: int) -> tuple[int, dict]:
-    """The largest device batch that divides the total batch and whose traced peak fits FITS_FRACTION of the
-    GPU's memory (a binary search over the divisors, one trace per probe)."""
-    total = make_plan(args, config, world, 1)["total_batch_size"] if args.total_batch_size <= 0 \
-        else args.total_batch_size
-    sizes = valid_device_batch_sizes(total, config.sequence_len, world)
-    lo, hi, best = 0, len(sizes) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        trace = predicted_peak(args, config, world, device, dtype, sizes[mid])
-        if trace["peak_bytes"] <= FITS_FRACTION * capacity:
-            best, lo = (sizes[mid], trace), mid + 1
-        else:
-            hi = mid - 1
-    if best is None:
-        raise UserError(f"not even --device-batch-size 1 fits {capacity / GIB:.1f} GB of GPU memory at depth "
-                        f"{config.n_layer}, seq {config.sequence_len}: lower --depth or --max-seq-len")
-    return best
-
-
-def out_of_memory_message(args, config, world, device, dtype, batch) -> str:
-    capacity = torch.cuda.mem_get_info()[1]
-    fit = fitting_batch_size(args, config, world, device, dtype, capacity)[0]
-    return (f"out of GPU memory in the first step with --device-batch-size {batch}: use --device-batch-size {fit} "
-            f"(predicted to fit this GPU's {capacity / GIB:.1f} GB; the total batch stays the same by accumulation) "
-            f"or --device-batch-size auto")
-
-
-def check_resumable(meta, config, plan, batch, world):
-    """A resumed run must continue the same computation; say which flag differs when it cannot."""
-    if meta["model_config"] != asdict(config):
-        raise UserError(f"the checkpoint's model {meta['model_config']} differs from this one {asdict(config)}: "
-                        "resume with the same --depth/--aspect-ratio/--head-dim/--max-seq-len and tokenizer")
-    if meta["world_size"] != world:
-        raise UserError(f"the checkpoint was written by {meta['world_size']} rank(s), this run has {world}: "
-                        f"resume with --nproc_per_node={meta['world_size']}")
-    saved = meta["plan"]
-    for key, flag in (("total_batch_size", "--total-batch-size"), ("num_iterations", "--num-iterations")):
-        if saved[key] != plan[key]:
-            raise UserError(f"the checkpoint was trained with {key} {saved[key]}, this run has {plan[key]}: "
-                            f"resume with the same {flag}")
-    if meta["device_batch_size"] != batch:
-        raise UserError(f"the checkpoint used --device-batch-size {meta['device_batch_size']}: resume with the same")
-
-
-def core_metric(model, tokenizer, bundle_dir, device, args, amp):
-    from nanopipe.core_eval import evaluate_core  # heavy eval code, only loaded when CORE is on
-    with amp:
-        result = evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=args.core_metric_max_per_task,
-                               show_progress=False)
-    return result["core"]
-
-
-def sample(model, tokenizer, prompts, amp) -> list[str]:
-    """Greedy 16-token continuations of the data profile's prompts (rank 0): a quick look at what the model
-    learned."""
-    with amp:
-        lines = greedy_samples(model, tokenizer, prompts)
-    print("\n" + "\n".join(f"  {line!r}" for line in lines))
-    return lines
+def check_initial_loss(loss: float, vocab_size: int, data_name: str):
+    """The first step's loss must be near ln(vocab): a freshly initialised model predicts uniformly."""
+    if abs(loss - math.log(vocab_size)) > INITIAL_LOSS_TOLERANCE:
+        raise UserError(f"initial loss {loss:.3f} is far from ln(vocab) = {math.log(vocab_size):.3f}: "
+                        f"an init or data bug (check the tokenizer and dataset {data_name})")
 
 
 def dry_run(args):
@@ -544,8 +366,8 @@ def plan_and_measure(args) -> dict:
                         f"(~{fit_trace['peak_bytes'] / GIB:.1f} GB; the total batch stays the same by accumulation)")
     result = {"depth": args.depth, "max_seq_len": config.sequence_len, "device": device, "fake_device": fake,
               "dtype": str(dtype).removeprefix("torch."), "compile": args.compile, "world_size": world,
-              "device_batch_size": batch, "grad_accum": plan["grad_accum"], "total_batch_size": plan["total_batch_size"],
-              "num_iterations": plan["num_iterations"], "gpu_memory_gb": capacity / GIB if capacity else None,
+              "device_batch_size": batch, "grad_accum": plan.grad_accum, "total_batch_size": plan.total_batch_size,
+              "num_iterations": plan.num_iterations, "gpu_memory_gb": capacity / GIB if capacity else None,
               "predicted_peak_memory_gb": predicted_gb, "measured_peak_memory_gb": None,
               "peak_memory_gb": predicted_gb, "peak_memory_source": "predicted" if trace else None,
               "tokens_per_second": None, "mfu": None, "eta_seconds": None}
@@ -564,14 +386,14 @@ def measure_step(args, config, plan, batch, device, dtype, info) -> dict:
     model = build_model(config, device)
     optimizers = make_optimizers(model, args, plan)
     train_model = wrap_model(model, info, device, args.compile)
-    step_fn = TrainStep(model, train_model, optimizers, plan["grad_accum"], autocast(device, dtype), args.grad_clip,
+    step_fn = TrainStep(model, train_model, optimizers, plan.grad_accum, autocast(device, dtype), args.grad_clip,
                         info.is_ddp, info.world_size)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, config.vocab_size, (batch, config.sequence_len), generator=gen).to(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step_fn.accumulate([(x, x)] * min(2, plan["grad_accum"]))  # warmup (and compilation), with gradients present
+    step_fn.accumulate([(x, x)] * min(2, plan.grad_accum))  # warmup (and compilation), with gradients present
     step_fn.update()
     sync()
     t0 = time.perf_counter()
@@ -584,67 +406,19 @@ def measure_step(args, config, plan, batch, device, dtype, info) -> dict:
     step_fn.update()
     sync()
     opt_time = time.perf_counter() - t0
-    step_time = plan["grad_accum"] * micro + opt_time
-    tok_per_sec = plan["total_batch_size"] / step_time
+    step_time = plan.grad_accum * micro + opt_time
+    tok_per_sec = plan.total_batch_size / step_time
     peak = peak_flops(device)
-    mfu = 100 * plan["flops_per_token"] * tok_per_sec / (peak * info.world_size) if peak else None
+    mfu = 100 * plan.flops_per_token * tok_per_sec / (peak * info.world_size) if peak else None
     measured_gb = peak_memory_mb(device) / 1024
     print0(f"measured: {micro:.3f} s per micro-batch, {opt_time:.3f} s per optimizer step -> {step_time:.2f} s/step, "
            f"{tok_per_sec:,.0f} tok/s" + (f", MFU {mfu:.1f}%" if mfu is not None else ""))
     print0(f"memory: peak {measured_gb:.2f} GB measured"
            + (" (torch.cuda.max_memory_allocated)" if device == "cuda" else " (process peak RSS)"))
-    print0(f"ETA: {format_duration(step_time * plan['num_iterations'])} for {plan['num_iterations']:,} steps "
+    print0(f"ETA: {format_duration(step_time * plan.num_iterations)} for {plan.num_iterations:,} steps "
            f"(plus evals); dry run: nothing written")
     return {"measured_peak_memory_gb": measured_gb, "peak_memory_gb": measured_gb, "peak_memory_source": "measured",
-            "tokens_per_second": tok_per_sec, "mfu": mfu, "eta_seconds": step_time * plan["num_iterations"]}
-
-
-def write_report(stage, args, model, plan, loop, final, samples, device, peak, world, log_path, ckpt_dir, tag):
-    records = read_log(log_path) if log_path.exists() else []
-    train_pts = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
-    val_pts = [(r["step"], r["val_bpb"]) for r in records if r.get("val_bpb") is not None]
-    tok_per_sec = (plan["total_batch_size"] * loop["timed_steps"] / loop["train_seconds"]
-                   if loop["train_seconds"] else None)
-    mfu = 100 * plan["flops_per_token"] * tok_per_sec / (peak * world) if peak and tok_per_sec else None
-    data = {
-        "val_bpb": final.get("val_bpb"),
-        "core": final.get("core"),
-        "tok_per_sec": tok_per_sec,
-        "mfu": mfu,
-        "peak_flops": peak,  # the bf16 peak MFU is measured against (NANOPIPE_PEAK_FLOPS overrides)
-        "params": model.num_params(),
-        "scaling_params": plan["scaling_params"],
-        "tokens": plan["tokens"],
-        "flops_per_token": plan["flops_per_token"],
-        "total_flops": plan["total_flops"],
-        "num_steps": plan["num_iterations"],
-        "total_batch_size": plan["total_batch_size"],
-        "final_train_loss": train_pts[-1][1] if train_pts else None,
-        "min_val_bpb": min((v for _, v in val_pts), default=None),
-        "train_seconds": loop["train_seconds"],
-        "peak_memory_mb": peak_memory_mb(device),
-        "world_size": world,
-        "checkpoint": str(ckpt_dir),
-    }
-    c = model.config
-    lines = [
-        f"Model `{tag}`: depth {c.n_layer}, width {c.n_embd}, {c.n_head} heads, seq {c.sequence_len}, "
-        f"vocab {c.vocab_size:,}; {data['params']:,} parameters ({data['scaling_params']:,} scaling).",
-        f"Trained {data['num_steps']:,} steps x {data['total_batch_size']:,} tokens = {data['tokens']:,} tokens "
-        f"({data['total_flops']:.3e} FLOPs) on {world} x {device}.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
-    for key in ("val_bpb", "min_val_bpb", "core", "final_train_loss", "tok_per_sec", "mfu", "peak_memory_mb"):
-        value = data[key]
-        lines.append(f"| {key} | {'—' if value is None else f'{value:,.4f}' if isinstance(value, float) else value} |")
-    lines.append(f"| train time | {format_duration(data['train_seconds'])} |")
-    if samples:
-        lines += ["", "Samples (greedy):", ""] + [f"    {s!r}" for s in samples]
-    series = {"train_loss": series_from_log(records, "loss", "train loss (nats/token)"),
-              "val_bpb": series_from_log(records, "val_bpb", "val bpb (bits/byte)")}
-    stage.report("\n".join(lines), data, series)
+            "tokens_per_second": tok_per_sec, "mfu": mfu, "eta_seconds": step_time * plan.num_iterations}
 
 
 if __name__ == "__main__":

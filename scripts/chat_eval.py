@@ -1,7 +1,7 @@
 """Evaluate a chat model on the chat tasks and compute ChatCORE.
 
     python -m scripts.chat_eval -i sft                 # every task of the data's set, with the calculator
-    python -m scripts.chat_eval -i sft -a GSM8K --max-problems 100
+    python -m scripts.chat_eval -i sft -a GSM8K -x 100
     python -m scripts.chat_eval -i sft --tool-ablation # also rerun the tool tasks without the calculator
     torchrun --nproc_per_node=8 -m scripts.chat_eval -i sft
 
@@ -25,17 +25,20 @@ from tasks.registry import CODE_TASKS, EVAL_TASKS, TOOL_TASKS
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m scripts.chat_eval", description=__doc__.split("\n")[0])
     p.add_argument("-i", "--source", choices=["sft", "base"], default="sft", help="which model to evaluate")
-    p.add_argument("-a", "--tasks", default="all", help="'all' or comma-separated task names")
-    p.add_argument("--max-problems", type=cli.integer(1), default=None, help="cap per task (default: all)")
-    p.add_argument("--temperature", type=cli.nonnegative(), default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=cli.integer(1), default=50)
-    p.add_argument("--num-samples", type=cli.integer(1), default=1, help="samples per generative problem (pass@k)")
-    p.add_argument("--max-new-tokens", type=cli.integer(1), default=256)
-    p.add_argument("--batch-size", type=cli.integer(1), default=8, help="prompts per forward for categorical tasks")
+    cli.old_spelling(p, p.add_argument("-a", "--tasks", default="all",
+                                       help="'all' or task names separated by , or |"), "--task-name")
+    cli.old_spelling(p, p.add_argument("-x", "--max-per-task", type=cli.integer(1, allow=cli.ALL), default=-1,
+                                       help="problems per task (-1: all)"), "--max-problems")
+    p.add_argument("-t", "--temperature", type=cli.nonnegative(), default=0.0, help="0: greedy")
+    p.add_argument("-k", "--top-k", type=cli.integer(1), default=50)
+    p.add_argument("-n", "--num-samples", type=cli.integer(1), default=1, help="samples per generative problem (pass@k)")
+    p.add_argument("-m", "--max-new-tokens", type=cli.integer(1), default=256)
+    cli.old_spelling(p, p.add_argument("-b", "--device-batch-size", type=cli.integer(1), default=8,
+                                       help="prompts per forward for categorical tasks"), "--batch-size")
     p.add_argument("--tool-ablation", action="store_true",
                    help="also score the calculator tasks with the tool disabled, to show what it is worth")
-    p.add_argument("--model-tag", type=cli.name, default=None)
-    p.add_argument("--step", type=cli.integer(0), default=None)
+    p.add_argument("-g", "--model-tag", type=cli.name, default=None)
+    p.add_argument("-s", "--step", type=cli.integer(0), default=None)
     p.add_argument("--data", type=cli.name, default=None, help="dataset name; 'synthetic' selects the world's tasks")
     p.add_argument("--device", default=None)
     p.add_argument("--unsafe-exec", action="store_true",
@@ -46,7 +49,7 @@ def parse_args(argv=None):
 def task_names(spec: str, data_flag=None) -> list[str]:
     if spec == "all":
         return data_profile(data_flag).eval_tasks
-    names = [n.strip() for n in spec.split(",") if n.strip()]
+    names = [n.strip() for n in spec.replace("|", ",").split(",") if n.strip()]
     unknown = [n for n in names if n not in EVAL_TASKS]
     if unknown:
         raise UserError(f"unknown task(s) {', '.join(unknown)} for -a; known: {', '.join(EVAL_TASKS)}")
@@ -68,15 +71,16 @@ def main(argv=None):
         model, tokenizer, meta = load_model(args.source, args.model_tag, args.step, device)
         model.eval()
 
+        limit = None if args.max_per_task < 0 else args.max_per_task
         results, transcripts = {}, []
         for name, task in tasks.items():
-            print0(f"{name}: {min(len(task), args.max_problems or len(task))} problems ({task.eval_type})")
+            print0(f"{name}: {min(len(task), limit or len(task))} problems ({task.eval_type})")
             with autocast(device, dtype):
                 if task.eval_type == "categorical":
-                    counts = evaluate_categorical(model, tokenizer, task, args.batch_size, args.max_problems)
+                    counts = evaluate_categorical(model, tokenizer, task, args.device_batch_size, limit)
                 else:
                     gen = dict(num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                               temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems)
+                               temperature=args.temperature, top_k=args.top_k, max_problems=limit)
                     counts = evaluate_generative(model, tokenizer, task, transcripts=transcripts, **gen)
                     if args.tool_ablation and name in TOOL_TASKS:
                         without = evaluate_generative(model, tokenizer, task, use_tools=False, **gen)

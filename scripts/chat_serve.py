@@ -19,7 +19,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m scripts.chat_serve", description=__doc__.split("\n")[0])
     p.add_argument("-i", "--source", choices=["sft", "base"], default="sft")
     p.add_argument("-g", "--model-tag", type=cli.name, default=None)
-    p.add_argument("--step", type=cli.integer(0), default=None)
+    p.add_argument("-s", "--step", type=cli.integer(0), default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--port", type=cli.integer(1, 65535), default=8000)

@@ -12,21 +12,18 @@ last --warmdown-ratio of training; no weight decay. Checkpoints go to checkpoint
 """
 
 import argparse
-
-import torch
-import torch.distributed as dist
+from dataclasses import asdict
 
 from nanopipe import cli
 from nanopipe.checkpoint import checkpoint_root, load_model, rng_state, save_checkpoint
-from nanopipe.common import (UserError, autocast, autodetect_device, cleanup_distributed, format_duration,
-                             get_base_dir, init_distributed, peak_flops, print0, seed_everything)
+from nanopipe.common import (UserError, autocast, autodetect_device, cleanup_distributed, get_base_dir,
+                             init_distributed, peak_flops, print0, seed_everything)
 from nanopipe.optim import setup_optimizers
-from nanopipe.report import fmt
+from nanopipe.sft import SFTLoopState, SFTReport, apply_schedules, min_over_ranks, val_loss
 from nanopipe.sft_data import SFTLoader
 from nanopipe.stage import Stage
 from nanopipe.train_step import Prefetcher, StepClock, StepProgress, TrainStep, training_dtype, wrap_model
-from nanopipe.training import (MetricLog, check_finite, muon_momentum, peak_memory_mb, read_log, resume_training,
-                               series_from_log)
+from nanopipe.training import MetricLog, check_finite, peak_memory_mb, read_log, resume_training, series_from_log
 from tasks.common import TaskMixture
 from tasks.profile import data_profile
 from tasks.registry import SFT_TASKS, parse_mixture
@@ -34,10 +31,9 @@ from tasks.registry import SFT_TASKS, parse_mixture
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m scripts.chat_sft", description=__doc__.split("\n")[0])
-    p.add_argument("--model-tag", type=cli.name, default=None,
-                   help="base model to start from (default: the largest d<N>); "
-                                                     "the SFT model is saved under the same tag")
-    p.add_argument("--step", type=cli.integer(0), default=None, help="base checkpoint step (default: its last)")
+    p.add_argument("-g", "--model-tag", type=cli.name, default=None,
+                   help="base model to start from (default: the largest d<N>); the SFT model is saved under the same tag")
+    p.add_argument("-s", "--step", type=cli.integer(0), default=None, help="base checkpoint step (default: its last)")
     p.add_argument("--mixture", type=mixture_spec, default=None,
                    help="name[:epochs],... from: " + ", ".join(SFT_TASKS) + " (default: the data's mixture)")
     p.add_argument("--data", type=cli.name, default=None,
@@ -56,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--init-lr-frac", type=cli.nonnegative(), default=1.0, help="LR multiplier relative to pretraining")
     p.add_argument("--warmdown-ratio", type=cli.fraction(), default=0.2, help="final fraction of training with LR -> 0")
     p.add_argument("--grad-clip", type=cli.nonnegative(), default=1.0, help="max global grad norm (0: no clipping)")
-    p.add_argument("--eval-every", type=cli.integer(1, allow=((-1, "only at the end"),)), default=100,
-                   help="val loss every N steps (-1: only at the end)")
+    p.add_argument("--eval-every", type=cli.integer(1, allow=cli.NEVER), default=100,
+                   help="val loss at step 0, every N steps and at the end (-1: never)")
     p.add_argument("--val-conversations", type=cli.integer(1), default=1000, help="held-out conversations for val loss")
     p.add_argument("--save-every", type=cli.integer(1, allow=cli.LAST), default=-1,
                    help="checkpoint every N steps (-1: only the last)")
@@ -103,36 +99,6 @@ def build_mixtures(spec: str, val_conversations: int):
     return train_mix, val_mix[:min(val_conversations, len(val_mix))], table
 
 
-def lr_multiplier(progress: float, warmdown_ratio: float) -> float:
-    """1 until the last warmdown_ratio of training, then linearly down to 0."""
-    if progress < 1 - warmdown_ratio:
-        return 1.0
-    return max(0.0, (1 - progress) / warmdown_ratio)
-
-
-@torch.no_grad()
-def val_loss(model, tokenizer, val_mix, batch_size, seq_len, device, rank, world, amp) -> float:
-    """Mean loss per trained token over the held-out conversations (every rank reads its share)."""
-    model.eval()
-    loader = SFTLoader(tokenizer, val_mix, batch_size, seq_len, device, rank, world, loop=False)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in loader:
-        with amp:
-            sums[0] += model(x, y, loss_reduction="sum").double()
-        sums[1] += (y != -1).sum()
-    if dist.is_initialized():
-        dist.all_reduce(sums)
-    model.train()
-    return (sums[0] / sums[1].clamp(min=1)).item()
-
-
-def min_over_ranks(value: float, device) -> float:
-    t = torch.tensor(value, dtype=torch.float64, device=device)  # on the device: NCCL takes no CPU tensors
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return t.item()
-
-
 def main(argv=None):
     args = parse_args(argv)
     with Stage("chat_sft", args) as stage:
@@ -155,22 +121,17 @@ def train(args, stage):
     seq_len = args.max_seq_len or model.config.sequence_len
     if seq_len > model.rotary_len:
         raise UserError(f"--max-seq-len {seq_len} exceeds what the model's rotary table covers ({model.rotary_len})")
-    tokens_per_micro = args.device_batch_size * seq_len * world
-    total_batch = args.total_batch_size if args.total_batch_size > 0 else tokens_per_micro
-    if total_batch % tokens_per_micro:
-        raise UserError(f"--total-batch-size {total_batch:,} is not a multiple of --device-batch-size "
-                        f"{args.device_batch_size} x seq {seq_len} x {world} rank(s) = {tokens_per_micro:,}")
-    grad_accum = total_batch // tokens_per_micro
+    grad_accum, total_batch = batch_shape(args, seq_len, world)
+    shape = f"{grad_accum} x {args.device_batch_size} rows of {seq_len} tokens x {world} rank(s)"
     print0(f"SFT of base model {tag} ({base_meta['checkpoint_dir']}) on {spec}: {len(train_mix):,} conversations "
-           f"x {args.num_epochs:g} epoch(s), {len(val_mix):,} held out; rows of {seq_len} tokens, "
-           f"{grad_accum} x {args.device_batch_size} rows x {world} rank(s) per step")
+           f"x {args.num_epochs:g} epoch(s), {len(val_mix):,} held out; {shape} per step")
 
     lr = args.init_lr_frac
     optimizers = setup_optimizers(model, matrix_lr=args.matrix_lr * lr, embedding_lr=args.embedding_lr * lr,
                                   unembedding_lr=args.unembedding_lr * lr, scalar_lr=args.scalar_lr * lr,
                                   weight_decay=0.0, compile=args.compile)
     ckpt_dir = checkpoint_root("sft") / tag
-    loop = {"smooth_loss": 0.0, "train_seconds": 0.0, "timed_steps": 0, "val_loss": None, "trained_tokens": 0}
+    loop = SFTLoopState()
 
     def check_meta(meta):
         if meta["world_size"] != world:
@@ -178,97 +139,82 @@ def train(args, stage):
 
     start_step, loader_state = resume_training(ckpt_dir, args.resume, model, optimizers, loop, device, rank,
                                                check_meta)
-
     loader = Prefetcher(SFTLoader(tokenizer, train_mix, args.device_batch_size, seq_len, device, rank, world,
                                   state=loader_state), depth=2 * grad_accum)
     train_model = wrap_model(model, info, device, args.compile)
     step_fn = TrainStep(model, train_model, optimizers, grad_accum, amp, args.grad_clip, info.is_ddp, world)
     log = MetricLog(get_base_dir() / "logs" / f"sft-{tag}.jsonl", start_step, args, f"sft-{tag}", enabled=master,
                     checkpoint_dir=ckpt_dir)
-    peak = peak_flops(device)
-    clock = StepClock(loop, total_batch, model.flops_per_token(), peak, world)
+    clock = StepClock(loop, total_batch, model.flops_per_token(), peak_flops(device), world)
     # with --num-iterations the step count is known; otherwise progress is the epochs read, the slowest rank's
     epoch_progress = None if args.num_iterations > 0 else (lambda: loader.progress / args.num_epochs)
-
-    def save(step, record):
-        meta = {"tag": tag, "base_checkpoint": base_meta["checkpoint_dir"], "mixture": spec, "loop_state": loop,
-                "user_config": vars(args), "max_seq_len": seq_len, "log_record": record}
-        save_checkpoint(ckpt_dir, step, model, optimizers, meta, loader.state_dict(), rng_state(),
-                        keep_last=args.keep_last)
+    meta = {"tag": tag, "base_checkpoint": base_meta["checkpoint_dir"], "mixture": spec, "user_config": vars(args),
+            "max_seq_len": seq_len}
 
     def validate():
         return val_loss(model, tokenizer, val_mix, args.device_batch_size, seq_len, device, rank, world, amp)
 
-    if start_step == 0:
-        loop["initial_val_loss"] = validate()
-        print0(f"step 0: val loss {loop['initial_val_loss']:.4f}")
-        log.write({"step": 0, "val_loss": loop["initial_val_loss"]})
+    if start_step == 0 and args.eval_every > 0:
+        loop.initial_val_loss = validate()
+        print0(f"step 0: val loss {loop.initial_val_loss:.4f}")
+        log.write({"step": 0, "val_loss": loop.initial_val_loss})
     step, saved_step = start_step, start_step or None
     progress = step / args.num_iterations if epoch_progress is None else min_over_ranks(epoch_progress(), device)
     total = args.num_iterations if epoch_progress is None else None
     with StepProgress(total, start_step, "chat_sft", master) as bar:
         while progress < 1:
             clock.start()
-            lrm = lr_multiplier(progress, args.warmdown_ratio)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * lrm
-            for group in optimizers[1].param_groups:
-                group["momentum"] = muon_momentum(step)
+            lrm = apply_schedules(optimizers, step, progress, args.warmdown_ratio)
             stats = step_fn.run(loader, epoch_progress)
             step += 1
             train_loss, grad_norm = stats["loss"], stats["grad_norm"]
             check_finite(step, train_loss, grad_norm, ckpt_dir, saved_step, "--matrix-lr/--embedding-lr/--init-lr-frac")
             step_fn.update()
             timing = clock.stop()
-            loop["trained_tokens"] += stats["trained_tokens"]
-            loop["smooth_loss"] = 0.9 * loop["smooth_loss"] + 0.1 * train_loss
+            loop.trained_tokens += stats["trained_tokens"]
+            loop.smooth_loss = 0.9 * loop.smooth_loss + 0.1 * train_loss
             progress = step / args.num_iterations if epoch_progress is None else stats["progress"]
             record = {"step": step, "loss": train_loss, "lrm": lrm, **timing, "grad_norm": grad_norm,
                       "trained_tokens": stats["trained_tokens"], "progress": progress}
             last = progress >= 1
             if last or (args.save_every > 0 and step % args.save_every == 0):
-                save(step, record)  # before the eval: an eval crash costs no training
+                # before the eval: an eval crash costs no training
+                save_checkpoint(ckpt_dir, step, model, optimizers, dict(meta, loop_state=asdict(loop), log_record=record),
+                                loader.state_dict(), rng_state(), keep_last=args.keep_last)
                 saved_step = step
-            if last or (args.eval_every > 0 and step % args.eval_every == 0):
-                loop["val_loss"] = record["val_loss"] = validate()
+            if args.eval_every > 0 and (last or step % args.eval_every == 0):
+                loop.val_loss = record["val_loss"] = validate()
                 bar.note(f"step {step}: val loss {record['val_loss']:.4f}")
             log.write(record)
             mean_dt = clock.mean_step_seconds(timing["dt"])
             steps_total = total or max(step, round(step / max(progress, 1e-9)))  # by epochs: estimated
-            bar.step(step, {"loss": loop["smooth_loss"] / (1 - 0.9 ** (step - start_step)), "lr": lrm,
+            bar.step(step, {"loss": loop.smooth_loss / (1 - 0.9 ** (step - start_step)), "lr": lrm,
                             "dt": timing["dt"], "tok/s": total_batch / mean_dt, "mfu": clock.mfu(total_batch / mean_dt)},
                      eta_seconds=mean_dt * (steps_total - step), fraction=min(progress, 1.0), total=steps_total)
     loader.close()
 
-    if start_step == step:  # a rerun of a finished SFT: nothing to train, refresh the report
+    if start_step == step and args.eval_every > 0:  # a rerun of a finished SFT: nothing to train, refresh the report
         print0(f"{ckpt_dir} is already trained to the end (step {step}); writing its report")
-        loop["val_loss"] = validate()
+        loop.val_loss = validate()
     log.close()
     records = read_log(log.path)
-    flops_per_token = model.flops_per_token()
-    tok_per_sec = total_batch * loop["timed_steps"] / loop["train_seconds"] if loop["train_seconds"] else None
-    data = {"train_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None),
-            "val_loss": loop["val_loss"], "initial_val_loss": loop.get("initial_val_loss"), "num_steps": step,
-            "tok_per_sec": tok_per_sec,
-            "mfu": 100 * flops_per_token * tok_per_sec / (peak * world) if peak and tok_per_sec else None,
-            "trained_tokens": loop["trained_tokens"], "train_seconds": loop["train_seconds"],
-            "peak_memory_mb": peak_memory_mb(device), "mixture": spec, "checkpoint": str(ckpt_dir),
-            "rows": {name: rows for name, _, rows in table}}
-    lines = [f"Fine-tuned base model `{tag}` on `{spec}` for {step} steps ({grad_accum} x {args.device_batch_size} "
-             f"rows of {seq_len} tokens x {world} rank(s)); {loop['trained_tokens']:,} assistant tokens trained "
-             "(user turns, tool outputs and padding masked).", "",
-             "| task | epochs | conversations |", "|---|---|---|"]
-    lines += [f"| {name} | {epochs:g} | {rows:,} |" for name, epochs, rows in table]
-    lines += ["", "| metric | value |", "|---|---|",
-              f"| final train loss | {fmt(data['train_loss'])} |",
-              f"| val loss (held-out conversations) | {fmt(data['initial_val_loss'])} before, "
-              f"{fmt(data['val_loss'])} after |",
-              f"| tok/s | {fmt(tok_per_sec, 0)} |", f"| train time | {format_duration(loop['train_seconds'])} |"]
-    series = {"sft train loss": series_from_log(records, "loss", "loss (nats/token)"),
-              "sft val loss": series_from_log(records, "val_loss", "loss (nats/token)")}
-    stage.report("\n".join(lines), data, series)
+    data = SFTReport.of_run(loop, records, total_batch, model.flops_per_token(), peak_flops(device), world,
+                            num_steps=step, peak_memory_mb=peak_memory_mb(device), mixture=spec,
+                            checkpoint=str(ckpt_dir), rows={name: rows for name, _, rows in table})
+    stage.report(data.markdown(tag, table, shape), asdict(data),
+                 {"sft train loss": series_from_log(records, "loss", "loss (nats/token)"),
+                  "sft val loss": series_from_log(records, "val_loss", "loss (nats/token)")})
     cleanup_distributed()
+
+
+def batch_shape(args, seq_len: int, world: int) -> tuple[int, int]:
+    """(micro-batches per step and rank, tokens per step) from --device-batch-size and --total-batch-size."""
+    tokens_per_micro = args.device_batch_size * seq_len * world
+    total_batch = args.total_batch_size if args.total_batch_size > 0 else tokens_per_micro
+    if total_batch % tokens_per_micro:
+        raise UserError(f"--total-batch-size {total_batch:,} is not a multiple of --device-batch-size "
+                        f"{args.device_batch_size} x seq {seq_len} x {world} rank(s) = {tokens_per_micro:,}")
+    return total_batch // tokens_per_micro, total_batch
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m scripts.export", description=__doc__.split("\n")[0])
     p.add_argument("-i", "--source", choices=["sft", "base"], default="sft", help="which model to export")
     p.add_argument("-g", "--model-tag", type=cli.name, default=None, help="checkpoint tag (default: the largest d<N>)")
-    p.add_argument("--step", type=cli.integer(0), default=None, help="checkpoint step (default: the last)")
+    p.add_argument("-s", "--step", type=cli.integer(0), default=None, help="checkpoint step (default: the last)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist or be empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--push-to-hub", metavar="REPO", default=None, help="also upload the folder to this hub repo")

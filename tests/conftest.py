@@ -93,10 +93,10 @@ def chat_world(tmp_path_factory):
                          "--device-batch-size", "4", "--total-batch-size", "512", "--num-iterations", "8",
                          "--eval-every", "-1", "--core-metric-every", "-1", "--sample-every", "-1",
                          "--device", "cpu", "--model-tag", "d2"])
-        chat_sft.main(["--device-batch-size", "4", "--val-conversations", "24", "--eval-every", "-1",
+        chat_sft.main(["--device-batch-size", "4", "--val-conversations", "24", "--eval-every", "1000",
                        "--device", "cpu", "--num-iterations", "4"])
-        base_eval.main(["--eval", "core,bpb", "--max-per-task", "4", "--split-tokens", "4096", "--device", "cpu"])
-        chat_eval.main(["-i", "sft", "--max-problems", "4", "--max-new-tokens", "8", "--device", "cpu"])
+        base_eval.main(["--eval", "core,bpb", "--max-per-task", "4", "--eval-tokens", "4096", "--device", "cpu"])
+        chat_eval.main(["-i", "sft", "--max-per-task", "4", "--max-new-tokens", "8", "--device", "cpu"])
     return base
 
 

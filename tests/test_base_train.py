@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +22,9 @@ from nanopipe.checkpoint import (checkpoint_root, clean_state_dict, find_last_st
 from nanopipe.common import UserError, get_base_dir
 from nanopipe.gpt import build_model, config_from_depth
 from nanopipe.optim import setup_optimizers
+from nanopipe.pretrain import lr_multiplier, make_plan, muon_momentum, muon_weight_decay
 from nanopipe.tokenizer import Tokenizer
 from scripts import base_train
-from scripts.base_train import lr_multiplier, make_plan, muon_momentum, muon_weight_decay
 from tests.conftest import subprocess_env
 
 WORDS = ("the a river stone cloud seven green quick brown fox jumps over lazy dog city paris france capital "
@@ -149,6 +150,42 @@ def test_resume_after_sigkill_is_bitwise_exact(toy_data, capsys):
     assert tokenizer.vocab_size == model.config.vocab_size == 300
 
 
+# meta.json's loop_state and plan exactly as nanopipe wrote them before they were typed records (dicts, in this
+# key order); a checkpoint of that version must resume as one of this version does
+OLD_LOOP_STATE_KEYS = ["smooth_loss", "grad_norm_ema", "train_seconds", "timed_steps", "val_bpb"]
+OLD_PLAN_KEYS = ["scaling_params", "target_tokens", "total_batch_size", "grad_accum", "num_iterations", "tokens",
+                 "flops_per_token", "total_flops", "lr_scale", "weight_decay"]
+
+
+def test_a_checkpoint_in_the_old_dict_format_resumes_bitwise(toy_data, capsys):
+    flags = ["--data", "toy", "--total-batch-size", "128", "--eval-every", "3", "--eval-tokens", "128",
+             "--save-every", "2", "--keep-last", "5", "--num-iterations", "6"]
+    assert train_in_process(capsys, *flags, "--model-tag", "whole")[0] == 0
+    assert train_in_process(capsys, *flags, "--model-tag", "old")[0] == 0
+    old_dir = checkpoint_root("base") / "old"
+    for step in (6, 4):  # back to step 2, as the old version left it
+        shutil.rmtree(old_dir / f"step_{step:06d}")
+    meta_file = old_dir / "step_000002" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert sorted(meta["loop_state"]) == sorted(OLD_LOOP_STATE_KEYS) and sorted(meta["plan"]) == sorted(OLD_PLAN_KEYS)
+    meta["loop_state"] = {key: meta["loop_state"][key] for key in OLD_LOOP_STATE_KEYS}
+    meta["plan"] = {key: meta["plan"][key] for key in OLD_PLAN_KEYS}
+    meta_file.write_text(json.dumps(meta, indent=2) + "\n")
+    assert meta["loop_state"]["smooth_loss"] != 0 and meta["loop_state"]["val_bpb"] is not None
+
+    assert train_in_process(capsys, *flags, "--model-tag", "old", "--resume")[0] == 0
+    (step_a, weights_a), (step_b, weights_b) = final_weights("whole"), final_weights("old")
+    assert step_a == step_b == 6 and all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    volatile = {"dt", "tok_per_sec", "mfu"}
+    strip = [{k: v for k, v in r.items() if k not in volatile} for r in read_log("whole")]
+    assert [{k: v for k, v in r.items() if k not in volatile} for r in read_log("old")] == strip
+    # the resumed loop state carried on from the old dict: the smoothed loss and the val bpb of the uninterrupted run
+    resumed = json.loads((old_dir / "step_000006" / "meta.json").read_text())["loop_state"]
+    whole = json.loads((checkpoint_root("base") / "whole" / "step_000006" / "meta.json").read_text())["loop_state"]
+    assert resumed["smooth_loss"] == whole["smooth_loss"] and resumed["val_bpb"] == whole["val_bpb"]
+    assert resumed["grad_norm_ema"] == whole["grad_norm_ema"]
+
+
 def uniform_length_docs(tokenizer, count, length, seed=0):
     """Documents of exactly `length` tokens after <|bos|>: each fills one row whole, so the packer is FIFO."""
     rng = random.Random(seed)
@@ -217,19 +254,19 @@ def test_plan_matches_reference_worked_values():
     args = Namespace(target_param_data_ratio=12, total_batch_size=-1, device_batch_size=32, num_iterations=-1,
                      target_flops=-1, weight_decay=0.28)
     d12 = make_plan(args, config_from_depth(12, 32768, 2048), world_size=1)
-    assert (d12["total_batch_size"], d12["num_iterations"], d12["grad_accum"]) == (524288, 2520, 8)
-    assert d12["lr_scale"] == 1.0 and d12["weight_decay"] == pytest.approx(0.28)
+    assert (d12.total_batch_size, d12.num_iterations, d12.grad_accum) == (524288, 2520, 8)
+    assert d12.lr_scale == 1.0 and d12.weight_decay == pytest.approx(0.28)
     d20 = make_plan(args, config_from_depth(20, 32768, 2048), world_size=1)
-    assert (d20["total_batch_size"], d20["num_iterations"]) == (1048576, 4980)
+    assert (d20.total_batch_size, d20.num_iterations) == (1048576, 4980)
     # T_epoch: wd 0.28 * sqrt(2) * tokens(d12) / tokens(d20)
-    assert d20["lr_scale"] == pytest.approx(math.sqrt(2))
-    assert d20["weight_decay"] == pytest.approx(0.28 * math.sqrt(2) * 110_100_912 / 435_160_240)
+    assert d20.lr_scale == pytest.approx(math.sqrt(2))
+    assert d20.weight_decay == pytest.approx(0.28 * math.sqrt(2) * 110_100_912 / 435_160_240)
     # the reference run is fixed: at ratio 8 (upstream's d24 speedrun) d24 gets its 5,568 steps of 2^20 and a
     # weight decay that follows its tokens relative to d12 at ratio 12 (upstream: 0.0597, reference at ratio 8)
     args.target_param_data_ratio = 8
     d24 = make_plan(args, config_from_depth(24, 32768, 2048), world_size=1)
-    assert (d24["total_batch_size"], d24["num_iterations"]) == (1048576, 5568)
-    assert d24["weight_decay"] == pytest.approx(0.28 * math.sqrt(2) * 12 * 110_100_912 / (8 * 729_810_624))
+    assert (d24.total_batch_size, d24.num_iterations) == (1048576, 5568)
+    assert d24.weight_decay == pytest.approx(0.28 * math.sqrt(2) * 12 * 110_100_912 / (8 * 729_810_624))
 
 
 def test_plan_rejects_a_batch_that_does_not_divide_and_names_the_sizes_that_do():

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from nanopipe import report, shards
-from nanopipe.chat_eval import chatcore, evaluate_categorical, render_completion
+from nanopipe.chat_eval import chatcore, evaluate_categorical
 from nanopipe.checkpoint import checkpoint_root, list_steps, load_checkpoint, step_dir
 from nanopipe.common import get_base_dir
-from nanopipe.engine import Engine
+from nanopipe.engine import Engine, ReplyDecoder
 from nanopipe.tokenizer import Tokenizer
 from nanopipe.training import read_log
 from scripts import base_train, chat_cli, chat_eval, chat_sft
@@ -20,7 +20,8 @@ from tasks.world.source import build_synthetic
 from tasks.world.tasks import SyntheticSFT, WorldMC
 from tests.conftest import subprocess_env
 
-SFT_FLAGS = ["--device-batch-size", "4", "--val-conversations", "24", "--eval-every", "-1", "--device", "cpu"]
+# val loss at step 0 and at the end only (these runs are shorter than 1,000 steps)
+SFT_FLAGS = ["--device-batch-size", "4", "--val-conversations", "24", "--eval-every", "1000", "--device", "cpu"]
 
 
 def run(main, argv):
@@ -97,7 +98,7 @@ def test_sft_refuses_to_overwrite_without_resume(in_world, capsys):
 
 def test_chat_eval_and_cli(in_world):
     run(chat_sft.main, [*SFT_FLAGS, "--num-iterations", "2"])
-    run(chat_eval.main, ["-i", "sft", "--max-problems", "4", "--max-new-tokens", "8", "--tool-ablation",
+    run(chat_eval.main, ["-i", "sft", "--max-per-task", "4", "--max-new-tokens", "8", "--tool-ablation",
                          "--device", "cpu"])
     data = report.read_sections()["chat_eval_sft"]["data"]
     assert set(data["tasks"]) == {"world_mc", "world_arith", "world_spell"}
@@ -111,14 +112,15 @@ def test_chat_eval_and_cli(in_world):
                              "--max-new-tokens", "8"], env=subprocess_env(), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    # the printed answer is the SFT model's own greedy reply to the question, tool calls marked, one line
+    # the printed answer is the SFT model's own greedy reply to the question as the chat shows it, one line
     from nanopipe.checkpoint import load_model
     model, tokenizer, _ = load_model("sft", device="cpu")
     prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": question},
                                                            {"role": "assistant", "content": ""}]})
     reply = Engine(model, tokenizer).generate_batch(prompt, max_tokens=8, temperature=0.0)[0][len(prompt):]
     assert reply, "the greedy reply is empty: the comparison would say nothing"
-    assert result.stdout == render_completion(tokenizer, reply) + "\n"
+    decoder = ReplyDecoder(tokenizer)
+    assert result.stdout == "".join(decoder.feed(t) for t in reply) + decoder.flush() + "\n"
 
 
 def test_categorical_scoring_is_batch_size_independent(in_world):

@@ -62,15 +62,15 @@ def test_every_stage_hands_nccl_device_tensors(isolated_dirs, tmp_path):
     sites = guarded(tmp_path / "base_train", "scripts.base_train", "--depth", "2", "--aspect-ratio", "32",
                     "--head-dim", "32", "--max-seq-len", "64", "--device-batch-size", "2", "--total-batch-size", "512",
                     "--num-iterations", "2", "--eval-every", "2", "--eval-tokens", "256", "--core-metric-every", "2",
-                    "--core-metric-max-per-task", "4", "--sample-every", "2", "--model-tag", "d2")
+                    "--max-per-task", "4", "--sample-every", "2", "--model-tag", "d2")
     assert {"nanopipe/loss_eval.py", "nanopipe/core_eval.py"} <= sites and len(sites) >= 3  # + the train loss
     sites = guarded(tmp_path / "base_eval", "scripts.base_eval", "--max-per-task", "4", "--device-batch-size", "4",
-                    "--split-tokens", "256", "--eval", "core,bpb,sample")
+                    "--eval-tokens", "256", "--eval", "core,bpb,sample")
     assert {"nanopipe/loss_eval.py", "nanopipe/core_eval.py"} <= sites
     # epochs, not --num-iterations: the epoch count is agreed over ranks (a collective of its own)
     sites = guarded(tmp_path / "chat_sft", "scripts.chat_sft", "--device-batch-size", "4", "--num-epochs", "0.01",
                     "--val-conversations", "16", "--eval-every", "1")
     assert sites
-    sites = guarded(tmp_path / "chat_eval", "scripts.chat_eval", "-i", "sft", "--max-problems", "4",
+    sites = guarded(tmp_path / "chat_eval", "scripts.chat_eval", "-i", "sft", "--max-per-task", "4",
                     "--max-new-tokens", "8", "--tool-ablation")
     assert "nanopipe/chat_eval.py" in sites

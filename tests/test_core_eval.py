@@ -340,7 +340,7 @@ def test_base_eval_script_end_to_end(tokenizer, tmp_path, isolated_dirs):
     save_checkpoint(get_base_dir() / "checkpoints" / "base" / "d2", 5, noisy_gpt(tokenizer, seq_len=64), [], {})
     text = tmp_path / "mine.txt"
     text.write_text("The capital of Quen is Lorv. 12 + 30 = 42.\n")
-    base_eval.main(["--data", "synthetic", "--max-per-task", "4", "--device-batch-size", "4", "--split-tokens", "512",
+    base_eval.main(["--data", "synthetic", "--max-per-task", "4", "--device-batch-size", "4", "--eval-tokens", "512",
                     "--eval", "core,bpb,sample,text", "--text", str(text)])
     report = Path(os.environ["NANOPIPE_REPORT_DIR"]) / "sections" / "04-base_eval.json"
     data = json.loads(report.read_text())["data"]

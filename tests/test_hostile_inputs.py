@@ -118,7 +118,8 @@ FLAGS = [
     ("base_train", ["--eval-every", "0"], "--eval-every"),
     ("base_train", ["--eval-tokens", "-1"], "--eval-tokens"),
     ("base_train", ["--core-metric-every", "0"], "--core-metric-every"),
-    ("base_train", ["--core-metric-max-per-task", "0"], "--core-metric-max-per-task"),
+    ("base_train", ["--max-per-task", "0"], "--max-per-task"),
+    ("base_train", ["--core-metric-max-per-task", "0"], "--core-metric-max-per-task"),  # the old spelling
     ("base_train", ["--save-every", "0"], "--save-every"),
     ("base_train", ["--keep-last", "0"], "--keep-last"),
     ("chat_sft", ["--num-epochs", "0"], "--num-epochs"),
@@ -133,18 +134,22 @@ FLAGS = [
     ("chat_sft", ["--mixture", "synthetic:inf"], "--mixture"),
     ("chat_sft", ["--mixture", "synthetic:-1"], "--mixture"),
     ("chat_sft", ["--mixture", "nope"], "--mixture"),
+    ("chat_eval", ["--max-per-task", "0"], "--max-per-task"),
     ("chat_eval", ["--max-problems", "0"], "--max-problems"),
     ("chat_eval", ["--temperature", "nan"], "--temperature"),
     ("chat_eval", ["--top-k", "0"], "--top-k"),
     ("chat_eval", ["--num-samples", "0"], "--num-samples"),
     ("chat_eval", ["--max-new-tokens", "-1"], "--max-new-tokens"),
+    ("chat_eval", ["-b", "0"], "--device-batch-size"),
     ("chat_eval", ["--batch-size", "0"], "--batch-size"),
     ("chat_cli", ["-t", "nan"], "--temperature"),
     ("chat_cli", ["-t", "-1"], "--temperature"),
     ("chat_cli", ["-k", "0"], "--top-k"),
     ("chat_cli", ["--max-new-tokens", "0"], "--max-new-tokens"),
     ("base_eval", ["--max-per-task", "0"], "--max-per-task"),
+    ("base_eval", ["--eval-tokens", "0"], "--eval-tokens"),
     ("base_eval", ["--split-tokens", "0"], "--split-tokens"),
+    ("chat_sft", ["--eval-every", "0"], "--eval-every"),
     ("base_eval", ["--step", "-1"], "--step"),
     ("tok_train", ["--vocab-size", "99999999999"], "--vocab-size"),
     ("tok_train", ["--max-chars", "0"], "--max-chars"),
@@ -165,6 +170,43 @@ FLAGS = [
     ("chat_serve", ["--max-queue", "0"], "--max-queue"),
     ("chat_serve", ["-t", "inf"], "--temperature"),
 ]
+
+
+# (stage, the old or nanochat spelling, this version's): both must parse to the same arguments
+SPELLINGS = [
+    ("base_train", ["--core-metric-max-per-task", "7"], ["--max-per-task", "7"]),
+    ("base_train", ["-g", "d4"], ["--model-tag", "d4"]),
+    ("base_eval", ["--split-tokens", "512"], ["--eval-tokens", "512"]),
+    ("base_eval", ["-g", "d4", "-s", "3", "-x", "5"], ["--model-tag", "d4", "--step", "3", "--max-per-task", "5"]),
+    ("chat_sft", ["-g", "d4", "-s", "3"], ["--model-tag", "d4", "--step", "3"]),
+    ("chat_eval", ["--max-problems", "5"], ["--max-per-task", "5"]),
+    ("chat_eval", ["--batch-size", "3"], ["--device-batch-size", "3"]),
+    ("chat_eval", ["--task-name", "GSM8K"], ["--tasks", "GSM8K"]),
+    ("chat_eval", ["-x", "5", "-b", "3", "-g", "d4", "-s", "2", "-t", "0.5", "-k", "9", "-n", "2", "-m", "7"],
+     ["--max-per-task", "5", "--device-batch-size", "3", "--model-tag", "d4", "--step", "2", "--temperature", "0.5",
+      "--top-k", "9", "--num-samples", "2", "--max-new-tokens", "7"]),
+    ("chat_cli", ["-g", "d4", "-s", "3"], ["--model-tag", "d4", "--step", "3"]),
+    ("chat_serve", ["-g", "d4", "-s", "3"], ["--model-tag", "d4", "--step", "3"]),
+    ("export", ["--out", "x", "-g", "d4", "-s", "3"], ["--out", "x", "--model-tag", "d4", "--step", "3"]),
+]
+OLD_SPELLINGS = ["--core-metric-max-per-task", "--split-tokens", "--max-problems", "--batch-size", "--task-name"]
+
+
+@pytest.mark.parametrize("stage,old,new", SPELLINGS, ids=[f"{s} {' '.join(o)}" for s, o, _ in SPELLINGS])
+def test_old_and_short_spellings_parse_as_the_flags_they_stand_for(stage, old, new):
+    module = {"base_train": base_train, "base_eval": base_eval, "chat_sft": chat_sft, "chat_eval": chat_eval,
+              "chat_cli": chat_cli, "chat_serve": chat_serve, "export": export}[stage]
+    required = ["--out", "x"] if stage == "export" else []
+    assert vars(module.parse_args(old)) == vars(module.parse_args(new)) != vars(module.parse_args(required))
+
+
+@pytest.mark.parametrize("module", [base_train, base_eval, chat_eval], ids=lambda m: m.__name__)
+def test_help_shows_only_the_current_spellings(module, capsys):
+    with pytest.raises(SystemExit) as e:
+        module.parse_args(["--help"])
+    assert e.value.code == 0
+    shown = capsys.readouterr().out
+    assert "--max-per-task" in shown and not any(old in shown for old in OLD_SPELLINGS)
 
 
 @pytest.mark.parametrize("stage,argv,culprit", FLAGS, ids=[f"{s} {' '.join(a)}" for s, a, _ in FLAGS])
@@ -350,7 +392,7 @@ def test_bad_identity_file(no_sft, capsys, content, culprit):
 def test_bad_chat_eval_item_is_found_before_scoring(base, capsys, stem, row, problem):
     path = base.joinpath(*CHAT, f"{stem}.jsonl")
     line = append_row(path, row)
-    message = refuse(chat_eval.main, ["--max-problems", "2", "--device", "cpu"], f"{path}:{line}", base.parent, capsys)
+    message = refuse(chat_eval.main, ["--max-per-task", "2", "--device", "cpu"], f"{path}:{line}", base.parent, capsys)
     assert problem in message
 
 
