@@ -72,10 +72,12 @@ def load_words(path=None) -> list[str]:
 
 
 class _WordTask(Task):
-    def __init__(self, size: int, split: str = "train", words=None, words_path=None):
+    default_size: int  # examples when the caller gives no size
+
+    def __init__(self, size: int | None = None, split: str = "train", words=None, words_path=None):
         if split not in SPLIT_SEED_OFFSET:
             raise ValueError(f"split must be one of {list(SPLIT_SEED_OFFSET)}, got {split!r}")
-        self.size = size
+        self.size = self.default_size if size is None else size
         self.seed_offset = SPLIT_SEED_OFFSET[split]
         self.words = list(words) if words is not None else load_words(words_path)
 
@@ -91,9 +93,7 @@ class _WordTask(Task):
 
 class SimpleSpelling(_WordTask):
     name = "SimpleSpelling"
-
-    def __init__(self, size: int = 1000, split: str = "train", words=None, words_path=None):
-        super().__init__(size, split, words, words_path)
+    default_size = 1000
 
     def get_example(self, index):
         rng = self._rng(index)
@@ -102,9 +102,7 @@ class SimpleSpelling(_WordTask):
 
 class SpellingBee(_WordTask):
     name = "SpellingBee"
-
-    def __init__(self, size: int = 256, split: str = "train", words=None, words_path=None):
-        super().__init__(size, split, words, words_path)
+    default_size = 256
 
     def get_example(self, index):
         rng = self._rng(index)
