@@ -51,16 +51,14 @@ def error_lines(stderr):
 PY = sys.executable
 
 
-def test_checkpoint_save_on_a_full_disk_keeps_the_previous_checkpoint(trained, tmp_path, tmpfs):
-    """A run resumed from step 1 whose step-2 checkpoint does not fit: refused before writing, step 1 intact."""
-    mnt = tmp_path / "mnt"
-    check = ("from nanopipe.checkpoint import checkpoint_root, list_steps, load_checkpoint; import os; "
-             "d = checkpoint_root('base') / 'd2'; c = load_checkpoint(d); "
-             "print('STEPS', list_steps(d), c['step'], sorted(os.listdir(d)))")
+def resume_from_step_1(trained, tmpfs, mnt, squeeze, check):
+    """TINY_RUN resumed from step 1 of `trained`, copied to the tmpfs at `mnt` and squeezed by the shell lines
+    `squeeze`, then the python `check` run: (its stdout, the one error line). The resume must be refused (exit 2)
+    with one error line and no traceback."""
     result = tmpfs(mnt, f"""
 cp -a {trained} {mnt}/base
 rm -r {mnt}/base/checkpoints/base/d2/step_000002
-limit 200000
+{squeeze}
 export NANOPIPE_BASE_DIR={mnt}/base NANOPIPE_REPORT_DIR={mnt}/report
 {PY} -m scripts.base_train {' '.join(TINY_RUN)} --resume && exit 99 || echo "EXIT $?"
 {PY} -c "{check}"
@@ -68,9 +66,19 @@ export NANOPIPE_BASE_DIR={mnt}/base NANOPIPE_REPORT_DIR={mnt}/report
     assert "EXIT 2" in result.stdout, result.stdout + result.stderr
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return result.stdout, errors[0]
+
+
+def test_checkpoint_save_on_a_full_disk_keeps_the_previous_checkpoint(trained, tmp_path, tmpfs):
+    """A run resumed from step 1 whose step-2 checkpoint does not fit: refused before writing, step 1 intact."""
+    mnt = tmp_path / "mnt"
+    check = ("from nanopipe.checkpoint import checkpoint_root, list_steps, load_checkpoint; import os; "
+             "d = checkpoint_root('base') / 'd2'; c = load_checkpoint(d); "
+             "print('STEPS', list_steps(d), c['step'], sorted(os.listdir(d)))")
+    stdout, error = resume_from_step_1(trained, tmpfs, mnt, "limit 200000", check)
     assert f"no space left on the device of {mnt}/base/checkpoints/base/d2: the checkpoint of step 2 needs about" \
-        in errors[0], errors[0]
-    assert "STEPS [1] 1 ['step_000001']" in result.stdout, result.stdout  # loadable, and no temp folder left
+        in error, error
+    assert "STEPS [1] 1 ['step_000001']" in stdout, stdout  # loadable, and no temp folder left
 
 
 def test_checkpoint_write_running_out_of_inodes_midway_removes_the_partial_folder(trained, tmp_path, tmpfs):
@@ -79,21 +87,12 @@ def test_checkpoint_write_running_out_of_inodes_midway_removes_the_partial_folde
     mnt = tmp_path / "mnt"
     check = ("from nanopipe.checkpoint import checkpoint_root, list_steps; import os; "
              "d = checkpoint_root('base') / 'd2'; print('STEPS', list_steps(d), sorted(os.listdir(d)))")
-    result = tmpfs(mnt, f"""
-cp -a {trained} {mnt}/base
-rm -r {mnt}/base/checkpoints/base/d2/step_000002
-inodes=$(( $(stat -f -c '%c - %d' {mnt}) ))
-# the log rewrite's temp file, the step's temp folder and rank0.pt get inodes; model.safetensors does not
-mount -o remount,nr_inodes=$(( inodes + 3 )) {mnt}
-export NANOPIPE_BASE_DIR={mnt}/base NANOPIPE_REPORT_DIR={mnt}/report
-{PY} -m scripts.base_train {' '.join(TINY_RUN)} --resume && exit 99 || echo "EXIT $?"
-{PY} -c "{check}"
-""")
-    assert "EXIT 2" in result.stdout, result.stdout + result.stderr
-    errors = error_lines(result.stderr)
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "the checkpoint of step 2 needs about" in errors[0] and "no free inode" in errors[0], errors[0]
-    assert "STEPS [1] ['step_000001']" in result.stdout, result.stdout
+    # the log rewrite's temp file, the step's temp folder and rank0.pt get inodes; model.safetensors does not
+    squeeze = (f"inodes=$(( $(stat -f -c '%c - %d' {mnt}) ))\n"
+               f"mount -o remount,nr_inodes=$(( inodes + 3 )) {mnt}")
+    stdout, error = resume_from_step_1(trained, tmpfs, mnt, squeeze, check)
+    assert "the checkpoint of step 2 needs about" in error and "no free inode" in error, error
+    assert "STEPS [1] ['step_000001']" in stdout, stdout
 
 
 def test_dataset_build_on_a_full_disk_leaves_the_previous_dataset(tmp_path, tmpfs):
