@@ -1,3 +1,4 @@
+import contextlib
 import hashlib
 import os
 import random
@@ -6,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanopipe import shards
+from nanopipe.common import get_base_dir
 from nanopipe.gpt import GPTConfig, build_model, config_from_depth
 from nanopipe.tokenizer import Tokenizer
 from tasks.world.documents import generate_documents
@@ -74,21 +77,38 @@ def noisy_gpt(tokenizer, seq_len, n_layer=2, noise=0.2, seed=0):
     return model.eval()
 
 
-@pytest.fixture(scope="session")
-def chat_world(tmp_path_factory):
-    """A base dir with a tiny trained pipeline: the synthetic world (2 shards), a 512-token tokenizer, 8 steps of
-    pretraining (tag d2) and 4 of SFT, quick evals of both, and their report sections. Read-only for its tests."""
-    from nanopipe import shards
-    from nanopipe.common import get_base_dir
-    from scripts import base_eval, base_train, chat_eval, chat_sft
-    base = tmp_path_factory.mktemp("chat_world")
-    with pytest.MonkeyPatch.context() as mp:
+@contextlib.contextmanager
+def one_thread():
+    """torch at one thread inside, as the subprocesses run (a test may have changed it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def synthetic_world(base, report_dir=None):
+    """Inside: `base` is the base dir (reports in `report_dir`, default base/report, and NANOPIPE_DATA=synthetic)
+    and holds the synthetic world (2 shards) and a 512-token tokenizer trained on its train split; one thread."""
+    with pytest.MonkeyPatch.context() as mp, one_thread():
         mp.setenv("NANOPIPE_BASE_DIR", str(base))
-        mp.setenv("NANOPIPE_REPORT_DIR", str(base / "report"))
+        mp.setenv("NANOPIPE_REPORT_DIR", str(report_dir or base / "report"))
         mp.setenv("NANOPIPE_DATA", "synthetic")
         build_synthetic(num_shards=2)
         docs = (text for text, _ in shards.iter_documents("synthetic", "train"))
         Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
+        yield
+
+
+@pytest.fixture(scope="session")
+def chat_world(tmp_path_factory):
+    """A base dir with a tiny trained pipeline: the synthetic world (2 shards), a 512-token tokenizer, 8 steps of
+    pretraining (tag d2) and 4 of SFT, quick evals of both, and their report sections. Read-only for its tests."""
+    from scripts import base_eval, base_train, chat_eval, chat_sft
+    base = tmp_path_factory.mktemp("chat_world")
+    with synthetic_world(base):
         base_train.main(["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "128",
                          "--device-batch-size", "4", "--total-batch-size", "512", "--num-iterations", "8",
                          "--eval-every", "-1", "--core-metric-every", "-1", "--sample-every", "-1",
@@ -109,22 +129,19 @@ TINY_RUN = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-s
 
 def run_main(main, argv, capsys):
     """A stage's main() in this process, at one thread as the subprocesses run: (exit code, stderr)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     code = 0
-    try:
-        main(argv)
-    except SystemExit as e:
-        code = e.code
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread():
+        try:
+            main(argv)
+        except SystemExit as e:
+            code = e.code
     return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A base dir with data/toy, a 300-token tokenizer and checkpoints/base/d2/step_00000{1,2} (TINY_RUN)."""
-    from nanopipe import shard_writer, shards
+    from nanopipe import shard_writer
     from scripts import base_train
     base = tmp_path_factory.mktemp("trained") / "base"
     with pytest.MonkeyPatch.context() as mp:
@@ -137,12 +154,8 @@ def trained(tmp_path_factory):
             for text in docs:
                 writer.write(text)
         Tokenizer.train(iter(docs), vocab_size=300).save(base / "tokenizer")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread():
             base_train.main(TINY_RUN)
-        finally:
-            torch.set_num_threads(threads)
     return base
 
 

@@ -8,41 +8,29 @@ import sys
 import pytest
 import torch
 
-from nanopipe import report, shards
+from nanopipe import report
 from nanopipe.chat_eval import chatcore, evaluate_categorical
 from nanopipe.checkpoint import checkpoint_root, list_steps, load_checkpoint, step_dir
 from nanopipe.common import get_base_dir
 from nanopipe.engine import Engine, ReplyDecoder
-from nanopipe.tokenizer import Tokenizer
 from nanopipe.training import read_log
 from scripts import base_train, chat_cli, chat_eval, chat_sft
-from tasks.world.source import build_synthetic
 from tasks.world.tasks import SyntheticSFT, WorldMC
-from tests.conftest import subprocess_env
+from tests.conftest import one_thread, subprocess_env, synthetic_world
 
 # val loss at step 0 and at the end only (these runs are shorter than 1,000 steps)
 SFT_FLAGS = ["--device-batch-size", "4", "--val-conversations", "24", "--eval-every", "1000", "--device", "cpu"]
 
 
 def run(main, argv):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         main(argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("chat_world")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOPIPE_BASE_DIR", str(base))
-        mp.setenv("NANOPIPE_REPORT_DIR", str(base / "report"))
-        mp.setenv("NANOPIPE_DATA", "synthetic")
-        build_synthetic(num_shards=2)
-        docs = (text for text, _ in shards.iter_documents("synthetic", "train"))
-        Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
+    with synthetic_world(base):
         run(base_train.main, ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "128",
                               "--device-batch-size", "4", "--total-batch-size", "512", "--num-iterations", "8",
                               "--eval-every", "-1", "--core-metric-every", "-1", "--sample-every", "-1",

@@ -17,12 +17,10 @@ import pytest
 import torch
 
 from nanopipe import report, shards
-from nanopipe.common import file_sha256, get_base_dir
-from nanopipe.tokenizer import Tokenizer
+from nanopipe.common import file_sha256
 from scripts import base_eval, base_train, chat_cli, chat_eval, chat_serve, chat_sft, export, tok_eval, tok_train
 from scripts import dataset
-from tasks.world.source import build_synthetic
-from tests.conftest import subprocess_env
+from tests.conftest import subprocess_env, synthetic_world
 
 TINY_BASE = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
              "--device-batch-size", "2", "--total-batch-size", "128", "--num-iterations", "2", "--eval-every", "-1",
@@ -35,13 +33,7 @@ BAD_UTF8 = b"caf\xe9 \xff\xfe\n"  # latin-1, not UTF-8
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("hostile_world")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOPIPE_BASE_DIR", str(base))
-        mp.setenv("NANOPIPE_REPORT_DIR", str(base / "report"))
-        mp.setenv("NANOPIPE_DATA", "synthetic")
-        build_synthetic(num_shards=2)
-        docs = (text for text, _ in shards.iter_documents("synthetic", "train"))
-        Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
+    with synthetic_world(base):
         base_train.main([*TINY_BASE, "--model-tag", "d2"])
         chat_sft.main(TINY_SFT)
     return base

@@ -18,12 +18,11 @@ import torch
 
 from nanopipe import shards
 from nanopipe.checkpoint import list_steps, load_weights, step_dir
-from nanopipe.common import UserError, get_base_dir
+from nanopipe.common import UserError
 from nanopipe.tokenizer import Tokenizer
 from nanopipe.training import read_log
 from scripts import base_train
-from tasks.world.source import build_synthetic
-from tests.conftest import subprocess_env
+from tests.conftest import subprocess_env, synthetic_world
 
 BASE_FLAGS = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "64",
               "--device-batch-size", "4", "--total-batch-size", "256", "--core-metric-every", "-1",
@@ -40,18 +39,8 @@ OUTCOMES = []  # one line per kill, printed by the tests (pytest -s shows them)
 def world(tmp_path_factory):
     """The synthetic world (2 shards), a 512-token tokenizer and an 8-step d2 base model for chat_sft."""
     base = tmp_path_factory.mktemp("kill_world") / "base"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOPIPE_BASE_DIR", str(base))
-        mp.setenv("NANOPIPE_REPORT_DIR", str(base.parent / "report"))
-        build_synthetic(num_shards=2)
-        docs = (text for text, _ in shards.iter_documents("synthetic", "train"))
-        Tokenizer.train(docs, vocab_size=512).save(get_base_dir() / "tokenizer")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            base_train.main([*BASE_FLAGS, "--num-iterations", "8", "--eval-every", "-1", "--model-tag", "d2"])
-        finally:
-            torch.set_num_threads(threads)
+    with synthetic_world(base, base.parent / "report"):
+        base_train.main([*BASE_FLAGS, "--num-iterations", "8", "--eval-every", "-1", "--model-tag", "d2"])
     return base
 
 
