@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import hashlib
+import importlib
 import os
 import random
 import re
@@ -19,6 +20,15 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """A problem the user can fix (missing input, bad flag, corrupt file). One line: what and how to fix it."""
+
+
+def require_extra(stage: str, extra: str, *modules: str):
+    """Import the optional packages a stage needs, or stop it with the pip command that installs its extra."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UserError(f"{stage} needs {e.name}: pip install -e '.[{extra}]'") from None
 
 
 def get_base_dir() -> Path:

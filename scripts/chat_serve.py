@@ -11,7 +11,7 @@ there is no authentication, so expose it only behind something that adds it.
 
 from nanopipe import cli
 from nanopipe.checkpoint import load_model
-from nanopipe.common import UserError, autodetect_device, autodetect_dtype
+from nanopipe.common import autodetect_device, autodetect_dtype, require_extra
 from nanopipe.stage import Stage
 
 
@@ -33,11 +33,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with Stage("chat_serve", args, report=False):
-        try:
-            import fastapi  # noqa: F401
-            import uvicorn
-        except ImportError as e:
-            raise UserError(f"chat_serve needs {e.name}: pip install -e '.[serve]'") from None
+        require_extra("chat_serve", "serve", "fastapi", "uvicorn")
+        import uvicorn
+
         from nanopipe.serve import create_app
         device = autodetect_device(args.device)
         model, tokenizer, meta = load_model(args.source, args.model_tag, args.step, device)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nanopipe import cli
 from nanopipe.checkpoint import load_model
-from nanopipe.common import UserError
+from nanopipe.common import require_extra
 from nanopipe.stage import Stage
 
 
@@ -31,11 +31,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     with Stage("export", args, report=False):
-        try:
-            import safetensors  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError as e:
-            raise UserError(f"export needs {e.name}: pip install -e '.[hf]'") from None
+        require_extra("export", "hf", "safetensors", "transformers")
         from nanopipe.hf_export import export_model, hub_token, push_to_hub
         if args.push_to_hub:
             hub_token()  # no token: say so before spending time on the export

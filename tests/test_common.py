@@ -122,3 +122,13 @@ def test_torchrun_two_ranks_gloo_all_reduce(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "rank 0 sum 3.0" in result.stdout and "rank 1 sum 3.0" in result.stdout
     assert result.stdout.count("printed once") == 1
+
+
+@pytest.mark.parametrize("stage,blocked,extra", [("chat_serve", "uvicorn", "serve"), ("export", "transformers", "hf")])
+def test_a_stage_without_its_extra_names_the_pip_command(stage, blocked, extra, monkeypatch, capsys):
+    from scripts import chat_serve, export
+    from tests.conftest import run_main
+    monkeypatch.setitem(sys.modules, blocked, None)  # what an environment without the package gives import
+    main = {"chat_serve": chat_serve, "export": export}[stage].main
+    code, err = run_main(main, ["--out", "x"] if stage == "export" else [], capsys)
+    assert code == 2 and err.strip() == f"error: {stage} needs {blocked}: pip install -e '.[{extra}]'", err
