@@ -20,11 +20,13 @@ class SFTLoopState(LoopState):
     trained_tokens: int = 0  # assistant tokens trained so far (all ranks)
 
 
-def lr_multiplier(progress: float, warmdown_ratio: float) -> float:
-    """1 until the last warmdown_ratio of training, then linearly down to 0."""
+def lr_multiplier(step: int, progress: float, warmup_steps: int, warmdown_ratio: float) -> float:
+    """(step + 1) / warmup_steps for the first warmup_steps steps (`step` = steps already taken), 1 until the
+    last warmdown_ratio of training, then linearly down to 0."""
+    warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
     if progress < 1 - warmdown_ratio:
-        return 1.0
-    return max(0.0, (1 - progress) / warmdown_ratio)
+        return warmup
+    return min(warmup, max(0.0, (1 - progress) / warmdown_ratio))
 
 
 def muon_momentum(it: int) -> float:
@@ -33,9 +35,9 @@ def muon_momentum(it: int) -> float:
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def apply_schedules(optimizers, step: int, progress: float, warmdown_ratio: float) -> float:
+def apply_schedules(optimizers, step: int, progress: float, warmup_steps: int, warmdown_ratio: float) -> float:
     """Set this step's LRs and Muon momentum; returns the LR multiplier."""
-    lrm = lr_multiplier(progress, warmdown_ratio)
+    lrm = lr_multiplier(step, progress, warmup_steps, warmdown_ratio)
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm

@@ -7,8 +7,10 @@
 
 Only what the assistant writes is trained (targets are -1 elsewhere), and the loss of a step is normalised
 by the number of trained tokens in the whole accumulated batch across ranks, so a micro-batch with no
-trained token adds nothing rather than a NaN (nanochat #618). LR: constant, then linear decay to 0 over the
-last --warmdown-ratio of training; no weight decay. Checkpoints go to checkpoints/sft/<tag>/.
+trained token adds nothing rather than a NaN (nanochat #618). LR: a short linear warm-up (--warmup-steps: the
+first steps' Adam updates are full-size whatever the gradient, and the chat tokens the base model never saw
+have huge gradients), constant, then linear decay to 0 over the last --warmdown-ratio of training; no weight
+decay. Checkpoints go to checkpoints/sft/<tag>/.
 """
 
 import argparse
@@ -27,6 +29,11 @@ from nanopipe.training import MetricLog, check_finite, peak_memory_mb, read_log,
 from tasks.common import TaskMixture
 from tasks.profile import data_profile
 from tasks.registry import SFT_TASKS, parse_mixture
+
+# measured on the CPU demo (d4 base, synthetic mixture), train loss of steps 1-3 and val loss after 20 steps:
+# no warm-up 8.69 8.74 5.60 (rises) val 0.618; --init-lr-frac 0.3 8.69 7.10 6.51 val 0.907;
+# 5 warm-up steps 8.69 7.60 6.50 val 0.566; 10 warm-up steps 8.69 8.18 6.95 val 0.605
+WARMUP_STEPS = 5
 
 
 def parse_args(argv=None):
@@ -50,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--unembedding-lr", type=cli.nonnegative(), default=0.004)
     p.add_argument("--scalar-lr", type=cli.nonnegative(), default=0.5)
     p.add_argument("--init-lr-frac", type=cli.nonnegative(), default=1.0, help="LR multiplier relative to pretraining")
+    p.add_argument("--warmup-steps", type=cli.integer(0), default=WARMUP_STEPS,
+                   help="steps of linear LR warm-up from 1/N (0: none)")
     p.add_argument("--warmdown-ratio", type=cli.fraction(), default=0.2, help="final fraction of training with LR -> 0")
     p.add_argument("--grad-clip", type=cli.nonnegative(), default=1.0, help="max global grad norm (0: no clipping)")
     p.add_argument("--eval-every", type=cli.integer(1, allow=cli.NEVER), default=100,
@@ -164,7 +173,7 @@ def train(args, stage):
     with StepProgress(total, start_step, "chat_sft", master) as bar:
         while progress < 1:
             clock.start()
-            lrm = apply_schedules(optimizers, step, progress, args.warmdown_ratio)
+            lrm = apply_schedules(optimizers, step, progress, args.warmup_steps, args.warmdown_ratio)
             stats = step_fn.run(loader, epoch_progress)
             step += 1
             train_loss, grad_norm = stats["loss"], stats["grad_norm"]
