@@ -79,6 +79,20 @@ def render_completion(tokenizer, tokens: list[int]) -> str:
     return "".join(out)
 
 
+def scored_text(tokenizer, tokens: list[int], specials: set[int]) -> str:
+    """A completion's text for scoring: special tokens carry no answer text, but they separate what they
+    delimit: "= <call>12*7</call><out>84</out>84." reads "= 12*7 84 84." (last number 84), where dropping them
+    would glue the call, its output and the reply into "12*78484"."""
+    runs, run = [], []
+    for token in tokens:
+        if token in specials:
+            runs.append(run)
+            run = []
+        else:
+            run.append(token)
+    return " ".join(tokenizer.decode(r) for r in runs + [run] if r)
+
+
 @torch.no_grad()
 def evaluate_generative(model, tokenizer, task, num_samples: int = 1, max_new_tokens: int = 256,
                         temperature: float = 0.0, top_k: int | None = 50, use_tools: bool = True,
@@ -98,7 +112,7 @@ def evaluate_generative(model, tokenizer, task, num_samples: int = 1, max_new_to
                                              temperature=temperature, top_k=top_k, seed=i)
         completions = [seq[len(prompt):] for seq in sequences]
         # special tokens carry no answer text: drop them before the task scores the completion
-        texts = [tokenizer.decode([t for t in c if t not in specials]) for c in completions]
+        texts = [scored_text(tokenizer, c, specials) for c in completions]
         passed = any(task.evaluate(item, text) for text in texts)
         correct += int(passed)
         used_tool = any(engine.python_start in c for c in completions)

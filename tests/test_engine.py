@@ -3,8 +3,11 @@ next token is a fixed function of the current one, wired to walk through a calcu
 
 import torch
 
+from nanopipe.chat_eval import scored_text
 from nanopipe.engine import Engine, ReplyDecoder, greedy_samples
 from nanopipe.gpt import GPTConfig, build_model
+from nanopipe.tokenizer import SPECIAL_TOKENS
+from tasks.common import last_number
 from tests.conftest import noisy_gpt
 
 
@@ -194,3 +197,15 @@ def test_reply_decoder_hides_the_answer_marker_line_but_keeps_it_in_the_parts(to
     assert decoder.finish()[-1] == {"type": "text", "text": " 6 seats.\n#### 6"}
     decoder = ReplyDecoder(tokenizer)
     assert "".join(decoder.feed(t) for t in tokenizer.encode("ends with\n##")) + decoder.flush() == "ends with\n##"
+
+
+def test_a_completion_is_scored_with_its_tool_parts_apart(tokenizer):
+    """chat_eval reads the last number of a completion: a calculator call, its output and the sentence after
+    them are separate texts, not one glued number ("12*78484")."""
+    special = tokenizer.encode_special
+    tokens = [*tokenizer.encode("12 * 7 = "), special("<|python_start|>"), *tokenizer.encode("12*7"),
+              special("<|python_end|>"), special("<|output_start|>"), *tokenizer.encode("84"),
+              special("<|output_end|>"), *tokenizer.encode("84.")]
+    specials = {special(name) for name in SPECIAL_TOKENS}
+    text = scored_text(tokenizer, tokens, specials)
+    assert last_number(text) == "84" and "<|" not in text
