@@ -62,3 +62,6 @@ echo "done in $(elapsed)."
 echo "  report: $report_dir/report.md"
 echo "  models: $NANOPIPE_BASE_DIR/checkpoints/{base,sft}/$TAG"
 echo "  chat:   $PY -m scripts.chat_cli        (or -p \"What is the capital of ...?\" for one answer)"
+echo
+echo "the SFT model answers the README's example prompts (greedy, scripts.chat_cli --demo -t 0):"
+"$PY" -m scripts.chat_cli --demo -t 0 --model-tag "$TAG"

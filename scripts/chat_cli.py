@@ -3,6 +3,7 @@
     python -m scripts.chat_cli                    # the SFT model, interactive
     python -m scripts.chat_cli -p "What is 12*7?" # answer once and exit (scriptable)
     python -m scripts.chat_cli -i base -t 0.8 -k 50
+    python -m scripts.chat_cli --demo -t 0          # the README's example prompts about the synthetic world
 
 Commands: /clear starts a new conversation, /quit (or Ctrl-D) exits. Ctrl-C stops the answer being
 written, not the program. Tool calls are shown as ⟦calc: expression → result⟧. When the conversation no
@@ -16,11 +17,14 @@ from nanopipe.checkpoint import load_model
 from nanopipe.common import UserError, autocast, autodetect_device, autodetect_dtype
 from nanopipe.engine import Engine, ReplyDecoder
 from nanopipe.stage import Stage
+from tasks.world.chat import DEMO_PROMPTS
 
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m scripts.chat_cli", description=__doc__.split("\n")[0])
     p.add_argument("-i", "--source", choices=["sft", "base"], default="sft")
     p.add_argument("-p", "--prompt", type=cli.utf8_text, default=None, help="answer this one prompt and exit")
+    p.add_argument("--demo", action="store_true",
+                   help="answer the synthetic world's example prompts (README), each in a new conversation, and exit")
     p.add_argument("-t", "--temperature", type=cli.nonnegative(), default=0.6, help="0: greedy")
     p.add_argument("-k", "--top-k", type=cli.integer(1), default=50)
     p.add_argument("--max-new-tokens", type=cli.integer(1), default=512)
@@ -99,6 +103,12 @@ def main(argv=None):
         with autocast(device, dtype):
             if args.prompt is not None:
                 session.answer(args.prompt)
+                return
+            if args.demo:
+                for prompt, _ in DEMO_PROMPTS:
+                    session.clear()
+                    sys.stdout.write(f"you> {prompt}\nbot> ")
+                    session.answer(prompt)
                 return
             try:
                 import readline  # noqa: F401  (line editing and history for input())

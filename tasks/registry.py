@@ -12,7 +12,7 @@ from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spelling import SimpleSpelling, SpellingBee
-from tasks.world.tasks import SyntheticSFT, WorldArith, WorldMC, WorldSpell
+from tasks.world.tasks import SyntheticSFT, WorldArith, WorldFacts, WorldMC, WorldSpell
 
 # chat_eval: name -> factory. ChatCORE averages over the tasks of a set.
 EVAL_TASKS = {
@@ -23,12 +23,13 @@ EVAL_TASKS = {
     "HumanEval": lambda unsafe_exec=False: HumanEval(unsafe_exec=unsafe_exec),
     "SpellingBee": lambda: SpellingBee(size=256, split="test"),
     "world_mc": lambda: WorldMC(),
+    "world_facts": lambda: WorldFacts(),
     "world_arith": lambda: WorldArith(),
     "world_spell": lambda: WorldSpell(),
 }
 EVAL_SETS = {
     "real": ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"],
-    "synthetic": ["world_mc", "world_arith", "world_spell"],
+    "synthetic": ["world_mc", "world_facts", "world_arith", "world_spell"],
 }
 # tasks whose answers go through the calculator: chat_eval --tool-ablation reruns them without it
 TOOL_TASKS = {"GSM8K", "SpellingBee", "world_arith", "world_spell"}

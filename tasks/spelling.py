@@ -38,8 +38,10 @@ def simple_spelling_conversation(word: str, rng: random.Random) -> dict:
                          {"role": "assistant", "content": f"{word}:{spell(word)}"}]}
 
 
-def spelling_bee_conversation(word: str, letter: str, rng: random.Random) -> dict:
-    """Count `letter` in `word`: spell it out, call the tool, answer `#### n`. Carries `answer` (int)."""
+def spelling_bee_conversation(word: str, letter: str, rng: random.Random, prompts=COUNT_PROMPTS,
+                              answer_line: bool = True) -> dict:
+    """Count `letter` in `word`: spell it out, call the tool, answer in a sentence and (`answer_line`, nanochat's
+    format) `#### n`. The question is one of `prompts`. Carries `answer` (int)."""
     expr = f"'{word}'.count('{letter}')"
     count = calculate(expr)  # exactly what the engine will inject at inference time
     times = "time" if count == "1" else "times"
@@ -48,9 +50,10 @@ def spelling_bee_conversation(word: str, letter: str, rng: random.Random) -> dic
                                  f"Now I count the letter '{letter}' with Python.\n\n"},
         {"type": "python", "text": expr},
         {"type": "python_output", "text": count},
-        {"type": "text", "text": f"\n\nThe letter '{letter}' appears {count} {times} in '{word}'.\n\n#### {count}"},
+        {"type": "text", "text": f"\n\nThe letter '{letter}' appears {count} {times} in '{word}'."
+                                 + (f"\n\n#### {count}" if answer_line else "")},
     ]
-    prompt = rng.choice(COUNT_PROMPTS).format(word=word, letter=letter)
+    prompt = rng.choice(prompts).format(word=word, letter=letter)
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
             "answer": int(count)}
 

@@ -1,6 +1,7 @@
 """SFT, chat evaluation and the chat CLI on a tiny real pipeline built once for this module: the synthetic
 world, a 512-token tokenizer, a few steps of pretraining."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from nanopipe.common import get_base_dir
 from nanopipe.engine import Engine, ReplyDecoder
 from nanopipe.training import read_log
 from scripts import base_train, chat_cli, chat_eval, chat_sft
+from tasks.world.chat import DEMO_PROMPTS
 from tasks.world.tasks import SyntheticSFT, WorldMC
 from tests.conftest import one_thread, subprocess_env, synthetic_world
 
@@ -89,7 +91,7 @@ def test_chat_eval_and_cli(in_world):
     run(chat_eval.main, ["-i", "sft", "--max-per-task", "4", "--max-new-tokens", "8", "--tool-ablation",
                          "--device", "cpu"])
     data = report.read_sections()["chat_eval_sft"]["data"]
-    assert set(data["tasks"]) == {"world_mc", "world_arith", "world_spell"}
+    assert set(data["tasks"]) == {"world_mc", "world_facts", "world_arith", "world_spell"}
     assert all(t["n"] == 4 for t in data["tasks"].values())
     assert "accuracy_no_tools" in data["tasks"]["world_arith"]
     assert data["chatcore"] == pytest.approx(chatcore(data["tasks"]))
@@ -109,6 +111,17 @@ def test_chat_eval_and_cli(in_world):
     assert reply, "the greedy reply is empty: the comparison would say nothing"
     decoder = ReplyDecoder(tokenizer)
     assert result.stdout == "".join(decoder.feed(t) for t in reply) + decoder.flush() + "\n"
+
+    # --demo asks the README's prompts, each in a new conversation: the first reply is the same greedy reply
+    # as -p gives for that prompt alone
+    demo = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "--demo", "-t", "0", "--max-new-tokens", "8"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    asked = re.findall(r"^you> (.*)$", demo.stdout, re.MULTILINE)
+    assert asked == [prompt for prompt, _ in DEMO_PROMPTS]
+    alone = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "-p", asked[-1], "-t", "0",
+                            "--max-new-tokens", "8"], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert demo.stdout.endswith(f"you> {asked[-1]}\nbot> {alone.stdout}")
 
 
 def test_categorical_scoring_is_batch_size_independent(in_world):

@@ -3,14 +3,17 @@ nothing, and a run killed mid-pretraining that, rerun, ends with the same metric
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from nanopipe.training import read_log
+from tasks.world.chat import DEMO_PROMPTS
 from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +56,7 @@ def test_cpu_speedrun_report_rerun_and_kill_resume(tmp_path):
     m = metrics(straight)
     assert 0 < m["val_bpb"] < 3
     assert -1 <= m["core"] <= 1 and -1 <= m["chatcore"] <= 1
-    assert set(m["chat_tasks"]) == {"world_mc", "world_arith", "world_spell"}
+    assert set(m["chat_tasks"]) == {"world_mc", "world_facts", "world_arith", "world_spell"}
 
     # a rerun of a finished run skips every stage
     t0 = time.monotonic()
@@ -77,3 +80,25 @@ def test_cpu_speedrun_report_rerun_and_kill_resume(tmp_path):
     proc.wait()
     run_speedrun(killed)
     assert metrics(killed) == m
+
+
+@pytest.mark.slow
+def test_the_demo_model_answers_the_readme_prompts(tmp_path):
+    """The README's example prompts, asked greedily, get the right answers from the demo's SFT model: the one
+    of the run in $NANOPIPE_DEMO_BASE_DIR if set (e.g. the base dir of a finished `bash runs/speedrun_cpu.sh`),
+    else of a default-size CPU speedrun run here (about 20 minutes on 2 cores)."""
+    base = os.environ.get("NANOPIPE_DEMO_BASE_DIR")
+    if base is None:
+        base = tmp_path / "base"
+        env = subprocess_env(NANOPIPE_BASE_DIR=base, NANOPIPE_REPORT_DIR=tmp_path / "report", SKIP_SETUP=1)
+        result = subprocess.run(["bash", "runs/speedrun_cpu.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=3600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "--demo", "-t", "0"], cwd=REPO,
+                            env=subprocess_env(NANOPIPE_BASE_DIR=base), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = dict(re.findall(r"^you> (.*)\nbot> (.*)$", result.stdout, re.MULTILINE))
+    readme = (REPO / "README.md").read_text()
+    for prompt, expected in DEMO_PROMPTS:
+        assert prompt in readme
+        assert re.search(rf"(?<!\w){re.escape(expected)}(?!\w)", answers[prompt]), (prompt, answers[prompt])

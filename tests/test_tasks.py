@@ -19,7 +19,7 @@ from tasks.smoltalk import SmolTalk
 from tasks.spelling import SimpleSpelling, SpellingBee, load_words
 from tasks.world.chat import SFT_TRAIN_SIZE, SFT_VAL_SIZE
 from tasks.world.source import write_extras
-from tasks.world.tasks import SyntheticSFT, WorldArith, WorldMC, WorldSpell
+from tasks.world.tasks import SyntheticSFT, WorldArith, WorldFacts, WorldMC, WorldSpell
 
 NATALIA = {"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
                        "How many clips did Natalia sell altogether in April and May?",
@@ -34,9 +34,10 @@ def write_parquet(path, rows):
 
 
 def reply_text(conversation):
-    """The assistant's reply as the text the model would produce (tool outputs included, as the engine injects them)."""
+    """The assistant's reply as chat_eval scores it (tool calls and outputs included, as the engine injects them,
+    each part apart from the next)."""
     content = conversation["messages"][-1]["content"]
-    return content if isinstance(content, str) else "".join(part["text"] for part in content)
+    return content if isinstance(content, str) else " ".join(part["text"] for part in content)
 
 
 class Numbers(Task):
@@ -282,9 +283,12 @@ def test_synthetic_chat_tasks(isolated_dirs):
     mc = WorldMC()
     assert mc.eval_type == "categorical" and mc.baseline == 0.25
     assert mc.evaluate(mc[0], mc[0]["answer"]) and mc[0]["letters"] == ["A", "B", "C", "D"]
-    for task in (WorldArith(), WorldSpell()):
-        assert task.eval_type == "generative" and len(task) == 200
+    for task, size in ((WorldFacts(), 200), (WorldArith(), 200), (WorldSpell(), 200)):
+        assert task.eval_type == "generative" and len(task) == size
         assert all(task.evaluate(item, reply_text(item)) for item in task)
         assert not task.evaluate(task[0], "I do not know")
+    facts = WorldFacts()
+    item = {**facts[0], "answer": "Lorv"}
+    assert facts.evaluate(item, "It is lorv.") and not facts.evaluate(item, "It is Lorvholm.")
     mixture = TaskMixture([(sft, 1), (mc[:8], 2)])
     assert len(mixture) == len(sft) + 16

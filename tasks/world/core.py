@@ -4,6 +4,7 @@ like the real DCLM bundle so core_eval reads both the same way."""
 import csv
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import yaml
@@ -11,7 +12,8 @@ import yaml
 from nanopipe.common import atomic_write_text
 from tasks.world.facts import World, build_world, mc_choices, stream_rng
 
-# label, icl_task_type, num_fewshot, continuation_delimiter, random baseline (%), category, description
+# label, icl_task_type, num_fewshot, continuation_delimiter, random baseline (%; None: the share of the most
+# common continuation, what a model that always writes it scores), category, description
 CORE_TASKS = [
     ("world_quiz_mc", "multiple_choice", 0, " ", 25, "world knowledge",
      "Four-choice quiz questions about the synthetic world (capitals, languages, exports, jobs, homes, animals)."),
@@ -19,12 +21,19 @@ CORE_TASKS = [
      "Four-choice sentence completions of synthetic world facts, 3-shot."),
     ("world_facts_schema", "schema", 0, " ", 50, "language understanding",
      "Two contexts that differ in their subject, one shared ending: which subject does the fact belong to?"),
-    ("world_facts_lm", "language_modeling", 5, " ", 0, "world knowledge",
+    ("world_facts_lm", "language_modeling", 5, " ", None, "world knowledge",
      "Complete a synthetic world fact exactly, 5-shot."),
-    ("world_arith_lm", "language_modeling", 5, " ", 0, "symbolic problem solving",
+    ("world_arith_lm", "language_modeling", 5, " ", None, "symbolic problem solving",
      "Small addition and multiplication facts, answer by greedy completion, 5-shot."),
+    ("world_two_hop_mc", "multiple_choice", 3, " ", 25, "world knowledge",
+     "Two facts joined: the language of a person's country, or of the country with a given capital, 3-shot."),
+    ("world_two_hop_export_mc", "multiple_choice", 3, " ", 25, "world knowledge",
+     "Two facts joined: the main export of a person's country, or of the country with a given capital, 3-shot."),
+    ("world_spell_lm", "language_modeling", 5, " ", None, "symbolic problem solving",
+     "Spell a word out letter by letter, exactly, 5-shot."),
+    ("world_sums_lm", "language_modeling", 5, " ", None, "symbolic problem solving",
+     "Additions beyond the tables (13-30 plus 2-12, only some of them in the documents), 5-shot."),
 ]
-
 
 
 def core_items(seed: int, world: World | None = None) -> dict[str, list[dict]]:
@@ -47,9 +56,37 @@ def core_items(seed: int, world: World | None = None) -> dict[str, list[dict]]:
     arith = [(a, "+", b, a + b) for a in range(1, 13) for b in range(1, 13)]
     arith += [(a, "*", b, a * b) for a in range(2, 10) for b in range(2, 10)]
     items["world_arith_lm"] = [{"context": f"{a} {op} {b} =", "continuation": str(c)} for a, op, b, c in arith]
-    for label in items:
+    for label in items:  # the later tasks' lists are still empty here
+        rng.shuffle(items[label])
+    # the tasks added later draw from their own stream: the items above stay what they were
+    rng = stream_rng(seed, "core-hard")
+    country_of = {c["name"]: c for c in world.countries}
+
+    def mc(query, gold, values):
+        choices = rng.sample([v for v in values if v != gold], 3) + [gold]
+        rng.shuffle(choices)
+        return {"query": query, "choices": choices, "gold": choices.index(gold)}
+
+    for relation, label, ending in (("language", "world_two_hop_mc", "people speak"),
+                                    ("export", "world_two_hop_export_mc", "the main export is")):
+        values = world.values[relation]
+        items[label] = [mc(f"{p['name']} lives in a country where {ending}", country_of[p["country"]][relation], values)
+                        for p in world.people]
+        items[label] += [mc(f"In the country whose capital is {c['capital']}, {ending}", c[relation], values)
+                         for c in world.countries]
+    for w in world.words:  # no final period: the documents' ".\n" is one token
+        items["world_spell_lm"].append({"context": f"The word {w} is spelled", "continuation": ",".join(w)})
+    items["world_sums_lm"] = [{"context": f"{a} plus {b} equals", "continuation": str(a + b)}
+                              for a in range(13, 31) for b in range(2, 13)]
+    for label in ("world_two_hop_mc", "world_two_hop_export_mc", "world_spell_lm", "world_sums_lm"):
         rng.shuffle(items[label])
     return items
+
+
+def majority_baseline(rows: list[dict]) -> float:
+    """Percent of language-modeling items a model that always writes the most common continuation gets right."""
+    counts = Counter(row["continuation"] for row in rows)
+    return 100 * counts.most_common(1)[0][1] / len(rows)
 
 
 def write_core_bundle(seed, world, bundle_dir: Path):
@@ -64,7 +101,9 @@ def write_core_bundle(seed, world, bundle_dir: Path):
     writer.writerow(["Eval Task", "Task Category", "Task Type", "#shots", "#datapoints", "Random baseline",
                      "Centered Metric?", "Description"])
     for label, kind, shots, _, baseline, category, description in CORE_TASKS:
-        writer.writerow([label, category, kind.replace("_", " "), shots, len(items[label]), baseline, "", description])
+        baseline = majority_baseline(items[label]) if baseline is None else baseline
+        writer.writerow([label, category, kind.replace("_", " "), shots, len(items[label]), f"{baseline:.4g}", "",
+                         description])
     atomic_write_text(bundle_dir / "eval_meta_data.csv", meta.getvalue())
     for label, rows in items.items():
         write_jsonl(bundle_dir / "eval_data" / "world" / f"{label}.jsonl", rows)

@@ -1,12 +1,15 @@
 """
 The synthetic world's chat data (tasks/world/source.py writes it under <base>/data/synthetic/chat/):
-SFT conversations and three chat-eval tasks whose questions are held out of the SFT files.
+SFT conversations and four chat-eval tasks whose questions are held out of the SFT files.
 
 - SyntheticSFT("train" | "val"): world questions, calculator arithmetic, letter counting, spelling, identity.
 - WorldMC: categorical, 4 letters, baseline 25 % (each fact appears with the gold in every position).
-- WorldArith, WorldSpell: generative; a completion passes if its last number is the item's `answer`.
+- WorldFacts (questions about held-out facts, in held-out phrasings), WorldArith (sums in symbols and words,
+  word problems; with the calculator), WorldSpell (letter counting and spelling out held-out words): generative;
+  a completion passes if its last number is the item's numeric `answer`, or if it contains its text `answer`.
 """
 
+import re
 from pathlib import Path
 
 from nanopipe.shards import dataset_dir
@@ -48,25 +51,41 @@ class WorldMC(_SyntheticChat):
     baseline = 0.25
 
 
-class _LastNumberTask(_SyntheticChat):
+class _AnswerTask(_SyntheticChat):
+    """Generative, scored by the item's `answer`: a number must be the completion's last number; a text must
+    appear in the completion as a whole word or phrase, case ignored. `answers` names the kinds a task takes."""
     eval_type = "generative"
     baseline = 0.0
+    answers = ("number",)
 
     def check_example(self, example):
         super().check_example(example)
-        if not same_number(example.get("answer"), example.get("answer")):
-            raise ValueError("the item needs a numeric 'answer'")
+        answer = example.get("answer")
+        if not (("number" in self.answers and same_number(answer, answer))
+                or ("text" in self.answers and isinstance(answer, str) and answer.strip())):
+            wanted = {("number",): "a numeric 'answer'", ("text",): "an 'answer' text"}
+            wanted = wanted.get(self.answers, "an 'answer': number or text")
+            raise ValueError(f"the item needs {wanted}")
 
     def evaluate(self, conversation, completion):
-        return same_number(last_number(completion), conversation["answer"])
+        answer = conversation["answer"]
+        if same_number(answer, answer):
+            return same_number(last_number(completion), answer)
+        return re.search(rf"(?<!\w){re.escape(answer)}(?!\w)", completion, re.IGNORECASE) is not None
 
 
-class WorldArith(_LastNumberTask):
+class WorldFacts(_AnswerTask):
+    name = "world_facts"
+    stem = "eval_world_facts"
+    answers = ("text",)
+
+
+class WorldArith(_AnswerTask):
     name = "world_arith"
     stem = "eval_world_arith"
 
 
-class WorldSpell(_LastNumberTask):
+class WorldSpell(_AnswerTask):
     name = "world_spell"
     stem = "eval_world_spell"
-
+    answers = ("number", "text")  # letter counts, and words spelled out
