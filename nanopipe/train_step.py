@@ -21,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from nanopipe.common import _DTYPES as DTYPES
-from nanopipe.common import UserError, autodetect_dtype, format_duration
+from nanopipe.common import (DistInfo, UserError, autocast, autodetect_device, autodetect_dtype, format_duration,
+                             init_distributed, seed_everything)
 
 
 def training_dtype(device: str, bf16_supported: bool | None = None, requested: str | None = None) -> torch.dtype:
@@ -48,6 +49,15 @@ def training_dtype(device: str, bf16_supported: bool | None = None, requested: s
         raise UserError("NANOPIPE_DTYPE=float16 is not supported for training (fp16 needs loss scaling, which "
                         "this step does not do): use bfloat16 (Ampere or newer) or float32")
     return dtype
+
+
+def start_training(device: str | None, seed: int) -> tuple[str, DistInfo, torch.dtype, object]:
+    """A training stage's start: (device, torchrun ranks, compute dtype, its autocast context), RNGs seeded."""
+    device = autodetect_device(device)
+    info = init_distributed(device)
+    dtype = training_dtype(device)
+    seed_everything(seed)
+    return device, info, dtype, autocast(device, dtype)
 
 
 def wrap_model(model, info, device: str, compile: bool, backend: str | None = None):

@@ -33,7 +33,8 @@ from nanopipe.pretrain import (REFERENCE_RATIO, Plan, PretrainLoopState, Pretrai
                                out_of_memory_message, predicted_peak, resolve_device_batch_size)
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import get_tokenizer
-from nanopipe.train_step import Prefetcher, StepClock, StepProgress, TrainStep, training_dtype, wrap_model
+from nanopipe.train_step import (Prefetcher, StepClock, StepProgress, TrainStep, start_training, training_dtype,
+                                 wrap_model)
 from nanopipe.training import MetricLog, check_finite, peak_memory_mb, read_log, resume_training, series_from_log
 from tasks.profile import data_profile
 
@@ -210,12 +211,8 @@ class Evals:
 
 
 def train(args, stage):
-    device = autodetect_device(args.device)
-    info = init_distributed(device)
+    device, info, dtype, amp = start_training(args.device, args.seed)
     rank, world, master = info.rank, info.world_size, info.rank == 0
-    dtype = training_dtype(device)
-    amp = autocast(device, dtype)
-    seed_everything(args.seed)
     tokenizer, vocab_size = load_tokenizer(args)
     profile = data_profile(args.data)
     data_name = profile.data_name

@@ -18,13 +18,12 @@ from dataclasses import asdict
 
 from nanopipe import cli
 from nanopipe.checkpoint import checkpoint_root, load_model, rng_state, save_checkpoint
-from nanopipe.common import (UserError, autocast, autodetect_device, cleanup_distributed, get_base_dir,
-                             init_distributed, peak_flops, print0, seed_everything)
+from nanopipe.common import UserError, cleanup_distributed, get_base_dir, peak_flops, print0
 from nanopipe.optim import setup_optimizers
 from nanopipe.sft import SFTLoopState, SFTReport, apply_schedules, min_over_ranks, val_loss
 from nanopipe.sft_data import SFTLoader
 from nanopipe.stage import Stage
-from nanopipe.train_step import Prefetcher, StepClock, StepProgress, TrainStep, training_dtype, wrap_model
+from nanopipe.train_step import Prefetcher, StepClock, StepProgress, TrainStep, start_training, wrap_model
 from nanopipe.training import MetricLog, check_finite, peak_memory_mb, read_log, resume_training, series_from_log
 from tasks.common import TaskMixture
 from tasks.profile import data_profile
@@ -115,12 +114,8 @@ def main(argv=None):
 
 
 def train(args, stage):
-    device = autodetect_device(args.device)
-    info = init_distributed(device)
+    device, info, dtype, amp = start_training(args.device, args.seed)
     rank, world, master = info.rank, info.world_size, info.rank == 0
-    dtype = training_dtype(device)
-    amp = autocast(device, dtype)
-    seed_everything(args.seed)
 
     spec = args.mixture or data_profile(args.data).sft_mixture
     train_mix, val_mix, table = build_mixtures(spec, args.val_conversations)
