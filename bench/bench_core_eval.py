@@ -84,7 +84,8 @@ def main():
         torch.set_num_threads(args.threads)
     tokenizer = Tokenizer.train(iter(training_texts()), vocab_size=args.vocab_size)
     torch.manual_seed(0)
-    model = build_model(config_from_depth(args.depth, tokenizer.vocab_size, max_seq_len=args.max_seq_len, head_dim=64), "cpu")
+    config = config_from_depth(args.depth, tokenizer.vocab_size, max_seq_len=args.max_seq_len, head_dim=64)
+    model = build_model(config, "cpu")
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -111,7 +112,8 @@ def main():
         flag = "" if reference[label] == batched[label] else "   <-- differs"
         seconds = result["tasks"][label]["seconds"]
         print(f"{label:<35} accuracy one-at-a-time {reference[label]:.4f} batched {batched[label]:.4f}   "
-              f"time {reference_seconds[label]:6.2f}s -> {seconds:6.2f}s ({reference_seconds[label] / seconds:4.1f}x){flag}")
+              f"time {reference_seconds[label]:6.2f}s -> {seconds:6.2f}s "
+              f"({reference_seconds[label] / seconds:4.1f}x){flag}")
     print(f"one item at a time: {t_reference:.1f}s   batched (batch {args.batch_size}): {t_batched:.1f}s   "
           f"speedup {t_reference / t_batched:.2f}x")
     assert reference == batched, "batched accuracies differ from one-at-a-time"

@@ -116,7 +116,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, required=True, help="folder of parquet shards (the last is val)")
     p.add_argument("--variant-flags", default="", help="extra base_train flags of the variant (one string)")
-    p.add_argument("--variant-tree", type=Path, default=None, help="source tree the variant runs from (default: this one)")
+    p.add_argument("--variant-tree", type=Path, default=None,
+                   help="source tree the variant runs from (default: this one)")
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--seq", type=int, default=512)
@@ -147,7 +148,8 @@ def main():
     for name, r in arms.items():
         what = f"{r['tree']} {shlex.join(r['flags'])}".strip()
         speed = f"{r['tok_per_sec']:,.0f} tok/s" if r["tok_per_sec"] else "-"
-        print(f"{name:8s} val bpb {r['val_bpb']:.4f}  {speed:>12s}  {what}" + ("  (stored result)" if r.get("cached") else ""))
+        stored = "  (stored result)" if r.get("cached") else ""
+        print(f"{name:8s} val bpb {r['val_bpb']:.4f}  {speed:>12s}  {what}{stored}")
     if "variant" in arms:
         print(f"ratio variant/default val bpb: {arms['variant']['val_bpb'] / arms['default']['val_bpb']:.4f}")
 

@@ -117,8 +117,8 @@ def main():
     for name in arms:
         print(f"{labels[name]} wall {wall[name]:6.2f} s/step {tokens / wall[name]:7.0f} tok/s | "
               f"cpu {cpu[name]:6.2f} s/step {tokens / cpu[name]:7.0f} tok/cpu-s")
-    print(f"ratio ours/reference: wall {wall['reference'] / wall['ours']:.2f}x, cpu {cpu['reference'] / cpu['ours']:.2f}x "
-          f"(nanochat issue figure for this shape: ~1030 tok/s)")
+    print(f"ratio ours/reference: wall {wall['reference'] / wall['ours']:.2f}x, "
+          f"cpu {cpu['reference'] / cpu['ours']:.2f}x (nanochat issue figure for this shape: ~1030 tok/s)")
     if "baseline tree" in arms:
         print(f"ratio ours/baseline tree: wall {wall['baseline tree'] / wall['ours']:.2f}x, "
               f"cpu {cpu['baseline tree'] / cpu['ours']:.2f}x")

@@ -392,18 +392,21 @@ def load_model(source: str, tag: str | None = None, step: int | None = None, dev
     tag = tag or default_tag(source)
     checkpoint_dir = checkpoint_root(source) / tag
     if not list_steps(checkpoint_dir):
-        raise UserError(f"no {source} checkpoint in {checkpoint_dir}: run `{PRODUCER[source]}` (with --model-tag {tag}) first")
+        raise UserError(f"no {source} checkpoint in {checkpoint_dir}: run `{PRODUCER[source]}` "
+                        f"(with --model-tag {tag}) first")
     if step is None:
         step = find_last_step(checkpoint_dir)
     path = step_dir(checkpoint_dir, step)
     if not path.is_dir():
-        raise UserError(f"no checkpoint for step {step} in {checkpoint_dir}: available steps {list_steps(checkpoint_dir)}")
+        raise UserError(f"no checkpoint for step {step} in {checkpoint_dir}: "
+                        f"available steps {list_steps(checkpoint_dir)}")
     meta = read_meta(path)
     model = build_model_from_meta(meta, load_weights(path, device), device, weights_file(path))
     model.eval()
     tokenizer = get_tokenizer()
     if tokenizer.vocab_size != model.config.vocab_size:
-        raise UserError(f"the tokenizer in {get_base_dir() / 'tokenizer'} has {tokenizer.vocab_size} tokens but the model "
-                        f"in {path} was trained with {model.config.vocab_size}: retrain the model or restore its tokenizer")
+        raise UserError(f"the tokenizer in {get_base_dir() / 'tokenizer'} has {tokenizer.vocab_size} tokens but "
+                        f"the model in {path} was trained with {model.config.vocab_size}: retrain the model or "
+                        "restore its tokenizer")
     meta["checkpoint_dir"] = str(path)
     return model, tokenizer, meta

@@ -230,7 +230,8 @@ def autodetect_device(override: str | None = None) -> str:
         if choice not in ("cuda", "mps", "cpu"):
             raise UserError(f"unknown device {choice!r} (from --device or NANOPIPE_DEVICE): use cuda, mps or cpu")
         if choice == "cuda" and not torch.cuda.is_available():
-            raise UserError("device cuda was asked for but torch sees no CUDA GPU: check `nvidia-smi` and that a CUDA build of torch is installed")
+            raise UserError("device cuda was asked for but torch sees no CUDA GPU: check `nvidia-smi` and that a "
+                            "CUDA build of torch is installed")
         if choice == "mps" and not torch.backends.mps.is_available():
             raise UserError("device mps was asked for but is not available on this machine: use --device cpu")
         return choice

@@ -137,7 +137,8 @@ def load_bundle(bundle_dir) -> tuple[list[CoreTask], list[str]]:
     bundle_dir = Path(bundle_dir)
     config_path = bundle_dir / "core.yaml"
     if not config_path.is_file():
-        raise UserError(f"no core.yaml in {bundle_dir}: not a CORE eval bundle (download it, or point NANOPIPE_EVAL_BUNDLE at one)")
+        raise UserError(f"no core.yaml in {bundle_dir}: not a CORE eval bundle (download it, or point "
+                        "NANOPIPE_EVAL_BUNDLE at one)")
     try:
         config = yaml.safe_load(read_text_file(config_path, FIX))
     except yaml.YAMLError as e:
@@ -153,9 +154,11 @@ def load_bundle(bundle_dir) -> tuple[list[CoreTask], list[str]]:
             num_fewshot = entry.get("num_fewshot", [0])
             num_fewshot = int(num_fewshot[0] if isinstance(num_fewshot, list) else num_fewshot)
         except (KeyError, TypeError, ValueError, IndexError):
-            raise UserError(f"{config_path}: every icl_tasks entry needs label, icl_task_type, dataset_uri, num_fewshot")
+            raise UserError(f"{config_path}: every icl_tasks entry needs label, icl_task_type, dataset_uri, "
+                            "num_fewshot")
         if task_type not in TASK_TYPES:
-            raise UserError(f"{config_path}: task {label!r} has unknown icl_task_type {task_type!r} (known: {', '.join(TASK_TYPES)})")
+            raise UserError(f"{config_path}: task {label!r} has unknown icl_task_type {task_type!r} "
+                            f"(known: {', '.join(TASK_TYPES)})")
         if label not in baselines:
             raise UserError(f"{bundle_dir / 'eval_meta_data.csv'}: no 'Random baseline' for task {label!r}")
         path = bundle_dir / "eval_data" / uri

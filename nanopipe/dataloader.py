@@ -61,7 +61,8 @@ class PretrainLoader:
             else:
                 self.exhausted = True
             if texts:
-                encoded = [np.asarray(ids, dtype=self.token_dtype) for ids in self.tokenizer.encode(texts, prepend=self.bos)]
+                encoded = [np.asarray(ids, dtype=self.token_dtype)
+                           for ids in self.tokenizer.encode(texts, prepend=self.bos)]
                 self.docs.extend(encoded)
                 self.lengths = np.concatenate([self.lengths, [len(ids) for ids in encoded]])
 

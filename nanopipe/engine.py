@@ -152,7 +152,8 @@ def greedy_samples(model, tokenizer, prompts: list[str], max_tokens: int = 16) -
 
 
 # how a reply's calculator calls are shown to a person (chat_cli, chat_serve, the web chat)
-TOOL_MARKS = {"<|python_start|>": "⟦calc: ", "<|python_end|>": "", "<|output_start|>": " → ", "<|output_end|>": "⟧"}
+TOOL_MARKS = {"<|python_start|>": "⟦calc: ", "<|python_end|>": "",
+              "<|output_start|>": " → ", "<|output_end|>": "⟧"}
 PART_STARTS = {"<|python_start|>": "python", "<|output_start|>": "python_output"}
 
 

@@ -87,7 +87,8 @@ def build_shim() -> Path:
     src.write_text(_SOURCE)
     cmd = [compiler, "-O1", "-shared", "-fPIC", "-std=c++17",
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", f"-I{torch_dir / 'include'}",
-           str(src), f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}", "-o", str(tmp)]
+           str(src), f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}",
+           "-o", str(tmp)]
     try:
         result = subprocess.run(cmd, capture_output=True, text=True)
     except FileNotFoundError:

@@ -68,7 +68,8 @@ def parse_request(body: bytes, tokenizer, limit: int, defaults: dict) -> dict:
         raise RequestError(str(e)) from None
     options = {}
     for name, kind, low, high in (("max_tokens", int, 1, None), ("max_completion_tokens", int, 1, None),
-                                  ("temperature", (int, float), 0, 2), ("top_k", int, 1, None), ("seed", int, None, None)):
+                                  ("temperature", (int, float), 0, 2), ("top_k", int, 1, None),
+                                  ("seed", int, None, None)):
         value = request.get(name)
         if value is None:
             continue
@@ -147,7 +148,8 @@ class Worker:
         decoder = ReplyDecoder(self.tokenizer)
         finish, count = "length", 0
         for step in self.engine.generate(spec["prompt"], max_tokens=spec["max_tokens"], temperature=spec["temperature"],
-                                         top_k=spec["top_k"], seed=spec["seed"] if spec["seed"] is not None else self.seed):
+                                         top_k=spec["top_k"],
+                                         seed=spec["seed"] if spec["seed"] is not None else self.seed):
             if job.cancelled.is_set():
                 self.stats["cancelled"] += 1
                 return

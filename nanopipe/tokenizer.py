@@ -43,7 +43,8 @@ SPECIAL_TOKENS = [
     "<|output_start|>", "<|output_end|>",  # its result, forced into the stream by the engine
 ]
 # GPT-4's split pattern, except numbers split into groups of 1-2 digits (not 1-3): better for small vocabs
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+                 r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
 DEFAULT_VOCAB_SIZE = 32768  # 2**15, the specials included
 
 # A chunk boundary: a space followed by a non-space. Python's \s is a superset of the pattern's \s (it adds

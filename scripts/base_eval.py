@@ -54,7 +54,8 @@ def markdown_core(result: dict) -> str:
         lines += [f"Missing task files (skipped): {', '.join(result['missing_tasks'])}", ""]
     lines += ["| task | accuracy | centered | random baseline % | n | seconds |", "|---|---|---|---|---|---|"]
     for label, r in result["tasks"].items():
-        lines.append(f"| {label} | {r['accuracy']:.4f} | {r['centered']:.4f} | {r['random_baseline']:g} | {r['n']} | {r['seconds']:.1f} |")
+        lines.append(f"| {label} | {r['accuracy']:.4f} | {r['centered']:.4f} | {r['random_baseline']:g} | {r['n']} "
+                     f"| {r['seconds']:.1f} |")
     return "\n".join(lines)
 
 
@@ -77,7 +78,8 @@ def main(argv=None):
                 result = evaluate_core(model, tokenizer, bundle, device, max_per_task=args.max_per_task,
                                        batch_size=args.device_batch_size)
             for label, r in result["tasks"].items():
-                print0(f"{label:<35} accuracy {r['accuracy']:.4f}  centered {r['centered']:+.4f}  ({r['n']} items, {r['seconds']:.1f}s)")
+                print0(f"{label:<35} accuracy {r['accuracy']:.4f}  centered {r['centered']:+.4f}  "
+                       f"({r['n']} items, {r['seconds']:.1f}s)")
             print0(f"{core_label(result)}: {result['core']:.4f}")
             data.update({k: result[k] for k in ("core", "core_tasks", "core_tasks_total", "missing_tasks", "tasks")})
             sections.append("### CORE\n\n" + markdown_core(result))
@@ -93,8 +95,9 @@ def main(argv=None):
                     bpb[split] = evaluate_bpb(model, loader, steps, tokenizer.token_bytes())
                 print0(f"{split} bpb: {bpb[split]:.4f}")
             data["bpb"] = bpb
-            sections.append(f"### Bits per byte\n\n| split | bpb |\n|---|---|\n| train | {bpb['train']:.4f} |\n| val | {bpb['val']:.4f} |\n\n"
-                            f"({steps} batches of {args.device_batch_size}x{seq_len} tokens per split and rank, data `{data_name}`)")
+            sections.append(f"### Bits per byte\n\n| split | bpb |\n|---|---|\n| train | {bpb['train']:.4f} |\n"
+                            f"| val | {bpb['val']:.4f} |\n\n({steps} batches of {args.device_batch_size}x{seq_len} "
+                            f"tokens per split and rank, data `{data_name}`)")
 
         if "sample" in args.evals:
             with amp:
@@ -108,11 +111,13 @@ def main(argv=None):
             with amp:
                 text = evaluate_text(model, tokenizer, args.text, batch_size=args.device_batch_size)
             for path, r in text["files"].items():
-                print0(f"{path}: bpb {r['bpb']:.4f}  loss/token {r['loss_per_token']:.4f}  perplexity {r['perplexity']:.2f}  ({r['tokens']} tokens)")
+                print0(f"{path}: bpb {r['bpb']:.4f}  loss/token {r['loss_per_token']:.4f}  "
+                       f"perplexity {r['perplexity']:.2f}  ({r['tokens']} tokens)")
             data["text"] = text
             rows = [f"| {path} | {r['bpb']:.4f} | {r['loss_per_token']:.4f} | {r['perplexity']:.2f} | {r['tokens']} |"
                     for path, r in text["files"].items()]
-            sections.append("### Your text\n\n| file | bpb | loss/token | perplexity | tokens |\n|---|---|---|---|---|\n" + "\n".join(rows))
+            header = "| file | bpb | loss/token | perplexity | tokens |\n|---|---|---|---|---|\n"
+            sections.append("### Your text\n\n" + header + "\n".join(rows))
 
         stage.report("\n\n".join(sections), data)
         cleanup_distributed()

@@ -31,7 +31,8 @@ def parse_args(argv=None):
                                        help="problems per task (-1: all)"), "--max-problems")
     p.add_argument("-t", "--temperature", type=cli.nonnegative(), default=0.0, help="0: greedy")
     p.add_argument("-k", "--top-k", type=cli.integer(1), default=50)
-    p.add_argument("-n", "--num-samples", type=cli.integer(1), default=1, help="samples per generative problem (pass@k)")
+    p.add_argument("-n", "--num-samples", type=cli.integer(1), default=1,
+                   help="samples per generative problem (pass@k)")
     p.add_argument("-m", "--max-new-tokens", type=cli.integer(1), default=256)
     cli.old_spelling(p, p.add_argument("-b", "--device-batch-size", type=cli.integer(1), default=8,
                                        help="prompts per forward for categorical tasks"), "--batch-size")
@@ -88,8 +89,9 @@ def main(argv=None):
             accuracy = counts["correct"] / max(counts["n"], 1)
             results[name] = {"accuracy": accuracy, "centered": centered(accuracy, task.baseline),
                              "baseline": task.baseline, **counts}
-            print0(f"{name}: accuracy {accuracy:.4f} ({counts['correct']}/{counts['n']})"
-                   + (f", without the calculator {counts['accuracy_no_tools']:.4f}" if "accuracy_no_tools" in counts else ""))
+            without = (f", without the calculator {counts['accuracy_no_tools']:.4f}"
+                       if "accuracy_no_tools" in counts else "")
+            print0(f"{name}: accuracy {accuracy:.4f} ({counts['correct']}/{counts['n']}){without}")
 
         score = chatcore(results)
         print0(f"ChatCORE over {len(results)} tasks: {score:.4f}")

@@ -38,7 +38,8 @@ WARMUP_STEPS = 5
 def parse_args(argv=None):
     p = cli.ArgumentParser(prog="python -m scripts.chat_sft", description=__doc__.split("\n")[0])
     p.add_argument("-g", "--model-tag", type=cli.name, default=None,
-                   help="base model to start from (default: the largest d<N>); the SFT model is saved under the same tag")
+                   help="base model to start from (default: the largest d<N>); the SFT model is saved under the "
+                        "same tag")
     p.add_argument("-s", "--step", type=cli.integer(0), default=None, help="base checkpoint step (default: its last)")
     p.add_argument("--mixture", type=mixture_spec, default=None,
                    help="name[:epochs],... from: " + ", ".join(SFT_TASKS) + " (default: the data's mixture)")
@@ -183,8 +184,9 @@ def train(args, stage):
             last = progress >= 1
             if last or (args.save_every > 0 and step % args.save_every == 0):
                 # before the eval: an eval crash costs no training
-                save_checkpoint(ckpt_dir, step, model, optimizers, dict(meta, loop_state=asdict(loop), log_record=record),
-                                loader.state_dict(), rng_state(), keep_last=args.keep_last)
+                save_checkpoint(ckpt_dir, step, model, optimizers,
+                                dict(meta, loop_state=asdict(loop), log_record=record), loader.state_dict(),
+                                rng_state(), keep_last=args.keep_last)
                 saved_step = step
             if args.eval_every > 0 and (last or step % args.eval_every == 0):
                 loop.val_loss = record["val_loss"] = validate()
@@ -192,8 +194,8 @@ def train(args, stage):
             log.write(record)
             mean_dt = clock.mean_step_seconds(timing["dt"])
             steps_total = total or max(step, round(step / max(progress, 1e-9)))  # by epochs: estimated
-            bar.step(step, {"loss": loop.smooth_loss / (1 - 0.9 ** (step - start_step)), "lr": lrm,
-                            "dt": timing["dt"], "tok/s": total_batch / mean_dt, "mfu": clock.mfu(total_batch / mean_dt)},
+            bar.step(step, {"loss": loop.smooth_loss / (1 - 0.9 ** (step - start_step)), "lr": lrm, "dt": timing["dt"],
+                            "tok/s": total_batch / mean_dt, "mfu": clock.mfu(total_batch / mean_dt)},
                      eta_seconds=mean_dt * (steps_total - step), fraction=min(progress, 1.0), total=steps_total)
     loader.close()
 

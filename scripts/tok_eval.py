@@ -156,7 +156,8 @@ def main(argv=None):
         data = {"vocab_size": tokenizer.vocab_size, "data": name,
                 "bytes_per_token": {kind: {label: round(row["bytes"] / max(row[label], 1), 4) for label in labels}
                                     for kind, row in results.items()},
-                "val_bytes_per_token": round(results[f"{name} val"]["bytes"] / max(results[f"{name} val"]["ours"], 1), 4),
+                "val_bytes_per_token": round(results[f"{name} val"]["bytes"]
+                                             / max(results[f"{name} val"]["ours"], 1), 4),
                 "baselines_missing": missing}
         stage.report(md, data)
 

@@ -71,7 +71,8 @@ def main(argv=None):
                f"({totals['docs']:,} docs) in {seconds:.1f}s ({mb_per_sec:.1f} MB/s)")
         data = {"vocab_size": tokenizer.vocab_size, "data": name, "docs": totals["docs"], "chars": totals["chars"],
                 "bytes": totals["bytes"], "train_seconds": round(seconds, 2), "mb_per_sec": round(mb_per_sec, 2),
-                "chunks": stats["chunks"], "distinct_chunks": stats["distinct_chunks"], "feed_scale": stats["feed_scale"]}
+                "chunks": stats["chunks"], "distinct_chunks": stats["distinct_chunks"],
+                "feed_scale": stats["feed_scale"]}
         scale = "every chunk occurrence (exact BPE)" if stats["feed_scale"] == 1 else \
             f"1/{stats['feed_scale']} of the chunk occurrences, sampled per chunk-prefix stratum"
         md = "\n".join([

@@ -35,14 +35,16 @@ class HubServer:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with hub.lock:
-                    hub.requests.append({"method": "POST", "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                    hub.requests.append({"method": "POST", "path": self.path,
+                                         "headers": {k.lower(): v for k, v in self.headers.items()},
                                          "body": body})
                 code, payload = hub.handle_post(self.path.split("?")[0], body)
                 self._reply(code, payload)
 
             def do_GET(self):
                 with hub.lock:
-                    hub.requests.append({"method": "GET", "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                    hub.requests.append({"method": "GET", "path": self.path,
+                                         "headers": {k.lower(): v for k, v in self.headers.items()},
                                          "body": b""})
                 self._reply(404, {"error": f"not found: {self.path}"})
 

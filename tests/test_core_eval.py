@@ -18,7 +18,8 @@ MC = [
     {"query": "Q: capital of France?", "choices": ["Paris", "Rome"], "gold": 0},
 ]
 SCHEMA = [
-    {"context_options": ["The cat sat because the cat", "The cat sat because the mat"], "continuation": "was tired.", "gold": 0},
+    {"context_options": ["The cat sat because the cat", "The cat sat because the mat"], "continuation": "was tired.",
+     "gold": 0},
     {"context_options": ["Ann beat Bob so Ann", "Ann beat Bob so Bob"], "continuation": "was happy.", "gold": 0},
 ]
 LM = [
@@ -52,7 +53,8 @@ def test_render_language_modeling_strips_contexts():
 
 
 def test_render_zero_shot():
-    assert render_prompts("multiple_choice", MC[1], [], " ") == ["Q: capital of France? Paris", "Q: capital of France? Rome"]
+    assert render_prompts("multiple_choice", MC[1], [], " ") == ["Q: capital of France? Paris",
+                                                                "Q: capital of France? Rome"]
 
 
 # -----------------------------------------------------------------------------
@@ -201,7 +203,8 @@ def test_spans_with_real_tokenizer(tokenizer):
 
 
 def test_over_long_prompts_keep_their_end(tokenizer, tmp_path):
-    items = [{"query": f"Question {i}: which word comes after {i} apples and pears?", "choices": ["one", "two words"], "gold": i % 2}
+    items = [{"query": f"Question {i}: which word comes after {i} apples and pears?", "choices": ["one", "two words"],
+              "gold": i % 2}
              for i in range(6)]
     write_bundle(tmp_path, [("mc", "multiple_choice", "mc.jsonl", 5, None, items)])
     tasks, _ = load_bundle(tmp_path)
@@ -221,7 +224,8 @@ def test_batch_size_does_not_change_results(tokenizer, tmp_path):
     items = core_items(0)
     tasks = [(label, task_type, f"world/{label}.jsonl", k, None, items[label][:8])
              for label, task_type, k in [("world_facts_mc", "multiple_choice", 3), ("world_facts_schema", "schema", 0),
-                                         ("world_facts_lm", "language_modeling", 5), ("world_arith_lm", "language_modeling", 5)]]
+                                         ("world_facts_lm", "language_modeling", 5),
+                                         ("world_arith_lm", "language_modeling", 5)]]
     write_bundle(tmp_path, tasks)
     model = noisy_gpt(tokenizer, seq_len=256)
     bundle_tasks, _ = load_bundle(tmp_path)

@@ -39,7 +39,8 @@ def test_shard_writer_layout_and_manifest(base):
     make_dataset("toy", 2500, 1000, 300)
     out = base / "data" / "toy"
     train, val = shards.list_shards("toy")
-    assert [p.name for p in train] == ["shard_00000.parquet", "shard_00001.parquet"] and val.name == "shard_00002.parquet"
+    assert [p.name for p in train] == ["shard_00000.parquet", "shard_00001.parquet"]
+    assert val.name == "shard_00002.parquet"
     assert [pq.ParquetFile(p).metadata.num_rows for p in (*train, val)] == [1000, 1000, 500]
     assert [pq.ParquetFile(p).metadata.row_group(0).num_rows for p in (*train, val)] == [300, 300, 300]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -62,7 +63,7 @@ def test_iter_documents_reads_everything_in_order(base):
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_read_disjoint_row_groups_covering_the_split(base, world_size):
     make_dataset("toy", 2500, 1000, 300)  # 4 row groups per train shard: 8 in all, counted globally
-    per_rank = [[(t, p) for t, p in shards.iter_documents("toy", "train", rank, world_size)] for rank in range(world_size)]
+    per_rank = [list(shards.iter_documents("toy", "train", rank, world_size)) for rank in range(world_size)]
     texts = [[t for t, _ in docs] for docs in per_rank]
     assert sorted(sum(texts, [])) == sorted(doc(i) for i in range(2000))  # disjoint and complete
     for rank, docs in enumerate(per_rank):
@@ -188,9 +189,11 @@ def all_texts(name):
 
 def test_local_reads_txt_md_jsonl_parquet(base, tmp_path):
     paths = write_local_sources(tmp_path / "src")
-    assert dataset.main(["local", "--name", "mine", *map(str, paths), "--docs-per-shard", "200", "--val-every", "10"]) == 0
+    assert dataset.main(["local", "--name", "mine", *map(str, paths), "--docs-per-shard", "200",
+                         "--val-every", "10"]) == 0
     train, val = all_texts("mine")
-    expected = ["# notes\n\nmarkdown is one document too\n"] + [f"book {i}\n\nsecond paragraph of book {i}\n" for i in range(30)]
+    expected = ["# notes\n\nmarkdown is one document too\n"] + [f"book {i}\n\nsecond paragraph of book {i}\n"
+                                                                 for i in range(30)]
     expected += [f"web {i}" for i in range(300)] + [f"pq {i}" for i in range(500)]
     assert val == expected[::10]  # every 10th document, starting with the first
     assert train == [t for i, t in enumerate(expected) if i % 10]

@@ -302,7 +302,8 @@ def test_download_pretrain_hf_layout(server, base, monkeypatch):
     out = base / "data" / "fineweb-edu"
     for i, data in served.items():
         assert (out / f"shard_{i:05d}.parquet").read_bytes() == data
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"shard_{i:05d}.parquet" for i in (0, 1, 2, 1822)]
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"] + [f"shard_{i:05d}.parquet"
+                                                                          for i in (0, 1, 2, 1822)]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_shards"] == 4 and manifest["num_docs"] == sum(120 + i for i in served)
     assert [s["split"] for s in manifest["shards"]] == ["train"] * 3 + ["val"]
@@ -313,7 +314,8 @@ def test_download_pretrain_hf_layout(server, base, monkeypatch):
     # main was resolved once to its commit; every other request named that commit; all carried the token
     requests = hub_requests(server)
     paths = [path for _, path, _ in requests]
-    assert [p for p in paths if p.startswith("/api/")] == ["/api/datasets/karpathy/fineweb-edu-100b-shuffle/revision/main"]
+    revision = "/api/datasets/karpathy/fineweb-edu-100b-shuffle/revision/main"
+    assert [p for p in paths if p.startswith("/api/")] == [revision]
     assert all(f"/resolve/{REPO_SHA}/" in p for p in paths if not p.startswith("/api/"))
     assert all(headers.get("authorization") == "Bearer hf_secret" for _, _, headers in requests)
     assert not list(out.glob(".*"))  # no staging folder is left behind

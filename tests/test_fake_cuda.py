@@ -67,7 +67,8 @@ with FakeTensorMode(allow_non_fake_inputs=True):
     with Watch():
         loss.backward()
     result["train"] = {"sdpa": sdpa_inputs, "big": big, "saved": saved, "loss_dtype": str(loss.dtype),
-                       "weight_dtype": str(model.lm_head.weight.dtype), "grad_dtype": str(model.lm_head.weight.grad.dtype)}
+                       "weight_dtype": str(model.lm_head.weight.dtype),
+                       "grad_dtype": str(model.lm_head.weight.grad.dtype)}
     sdpa_inputs.clear(); copies.clear()
     # the engine's decode step: a bf16 cache (the engine's choice under autocast), one new token
     cache = KVCache(2, 64, config, device="cuda", dtype=torch.bfloat16)

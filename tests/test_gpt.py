@@ -90,7 +90,8 @@ def test_init_follows_reference():
     torch.testing.assert_close(model.x0_lambdas, torch.tensor([0.20, 0.125, 0.05]))
     # smear starts exactly off, backout at 0.2 from the middle block
     assert model.smear_lambda.item() == 0 and model.backout_lambda.item() == pytest.approx(0.2)
-    assert model.smear_gate.weight.shape == (1, 24) and 0 <= model.smear_gate.weight.min() <= model.smear_gate.weight.max() <= 0.02
+    gate = model.smear_gate.weight
+    assert gate.shape == (1, 24) and 0 <= gate.min() <= gate.max() <= 0.02
     assert model.backout_layer == 1
 
 

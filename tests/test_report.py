@@ -31,7 +31,8 @@ def test_cli_generate_in_subprocess(tmp_path):
 
 
 def test_partial_report_with_series_makes_valid_svg(tmp_path):
-    series = {"train loss": {"x": [0, 1, 2, 3], "y": [10.4, 7.0, float("nan"), 5.5], "xlabel": "step", "ylabel": "loss"},
+    series = {"train loss": {"x": [0, 1, 2, 3], "y": [10.4, 7.0, float("nan"), 5.5], "xlabel": "step",
+                             "ylabel": "loss"},
               "val loss": {"x": [0, 3], "y": [10.3, 5.9], "xlabel": "step", "ylabel": "loss"}}
     report.write_section("base_train", "Trained.", {"val_bpb": 1.2345, "mfu": None, "tok_per_sec": 1234.6},
                          series=series, seconds=125.0, command="python -m scripts.base_train --depth 4")
@@ -82,11 +83,13 @@ def test_stage_writes_section_with_timing_and_config():
 
 def test_stage_user_error_is_one_line_exit_2(tmp_path):
     code = ("from nanopipe.stage import Stage\nfrom nanopipe.common import UserError\n"
-            "with Stage('base_eval'):\n    raise UserError('no checkpoint in /x: run `python -m scripts.base_train` first')\n")
+            "with Stage('base_eval'):\n"
+            "    raise UserError('no checkpoint in /x: run `python -m scripts.base_train` first')\n")
     r = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == "error: no checkpoint in /x: run `python -m scripts.base_train` first"
-    r = subprocess.run([sys.executable, "-c", code], env=subprocess_env(NANOPIPE_DEBUG=1), capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code], env=subprocess_env(NANOPIPE_DEBUG=1), capture_output=True,
+                       text=True)
     assert r.returncode == 1 and "Traceback" in r.stderr
 
 

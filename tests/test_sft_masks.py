@@ -21,7 +21,8 @@ def assistant_segments(conversation):
     for message in conversation["messages"]:
         if message["role"] != "assistant":
             continue
-        parts = message["content"] if isinstance(message["content"], list) else [{"type": "text", "text": message["content"]}]
+        content = message["content"]
+        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
         for part in parts:
             (outputs if part["type"] == "python_output" else trained).append(part["text"])
     return "".join(trained), outputs

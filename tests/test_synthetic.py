@@ -67,7 +67,8 @@ def test_extras_are_byte_identical_for_a_seed_and_differ_across_seeds(extras, tm
     assert first == again
     assert set(other) == set(first)
     assert other["chat/sft_train.jsonl"] != first["chat/sft_train.jsonl"]
-    assert other["eval_bundle/eval_data/world/world_facts_lm.jsonl"] != first["eval_bundle/eval_data/world/world_facts_lm.jsonl"]
+    facts = "eval_bundle/eval_data/world/world_facts_lm.jsonl"
+    assert other[facts] != first[facts]
 
 
 def test_core_bundle_layout_and_schemas(extras):
@@ -224,7 +225,8 @@ def test_conversations_are_valid_and_varied(extras):
             check_conversation(row)
     assert any(r["messages"][0]["role"] == "system" for r in sft)
     assert any(len(r["messages"]) >= 4 for r in sft)
-    replies = [m["content"] for r in sft for m in r["messages"] if m["role"] == "assistant" and isinstance(m["content"], str)]
+    replies = [m["content"] for r in sft for m in r["messages"]
+               if m["role"] == "assistant" and isinstance(m["content"], str)]
     users = user_texts(sft)
     assert any("nanopipe" in t for t in replies)                                         # identity
     assert any(re.fullmatch(r"The word [a-z]+ is spelled [a-z](,[a-z])+\.", t) for t in replies)  # spelling

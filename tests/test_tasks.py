@@ -209,7 +209,8 @@ def test_smoltalk_rows_and_malformed_row(tmp_path):
 HUMANEVAL_ROW = {"task_id": "T/0", "entry_point": "add",
                  "prompt": "import math\n\n\ndef add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n",
                  "canonical_solution": "    return a + b\n",
-                 "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert math.isclose(candidate(0.5, 0.25), 0.75)\n"}
+                 "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+                         "    assert math.isclose(candidate(0.5, 0.25), 0.75)\n"}
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed: sudo apt-get install "

@@ -56,7 +56,8 @@ def tok(docs):
 
 def gpt2_byte_alphabet() -> dict[str, int]:
     """byte-level char -> byte (the GPT-2 table), written out independently of the code under test."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     chars, n = {}, 0
     for b in range(256):
         if b in printable:
@@ -336,11 +337,13 @@ def test_render_truncates_and_completion_prompt(tok):
     ({"messages": [{"role": "system", "content": "s"}]}, "followed by a user message"),
     ({"messages": [{"role": "robot", "content": "a"}]}, "role system/user/assistant"),
     ({"messages": [{"role": "user", "content": ["a"]}]}, r"turn 0 \(user\) content must be a string"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]},
+    ({"messages": [{"role": "user", "content": "a"},
+                   {"role": "assistant", "content": [{"type": "image", "text": "x"}]}]},
      "unknown part"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "text", "text": 3}]}]},
      "'text' must be a string"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]}, "string or a list of parts"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]},
+     "string or a list of parts"),
 ])
 def test_malformed_conversations_raise(tok, conv, message):
     with pytest.raises(ValueError, match=message):
