@@ -24,7 +24,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from nanopipe.execution import calculate
+from nanopipe.calculator import calculate
 from nanopipe.gpt import KVCache
 
 

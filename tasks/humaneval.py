@@ -3,7 +3,7 @@ HumanEval (openai/openai_humaneval): 164 Python functions to complete; generativ
 
 The model sees the prompt (signature + docstring) and should reply with the whole function. Scoring runs
 the first fenced code block of the completion (or all of it), after the prompt's imports, followed by the
-problem's tests and `check(entry_point)`, in nanopipe.execution's sandbox (bubblewrap: namespaces, a read-only
+problem's tests and `check(entry_point)`, in nanopipe.sandbox (bubblewrap: namespaces, a read-only
 view, no network, time and memory limits); it passes iff the program exits cleanly. Without bubblewrap the task
 refuses to load unless `unsafe_exec` (chat_eval --unsafe-exec) accepts running the code with only Python-level
 guards.
@@ -11,7 +11,7 @@ guards.
 
 import re
 
-from nanopipe.execution import require_sandbox, run_sandboxed
+from nanopipe.sandbox import require_sandbox, run_sandboxed
 from tasks.common import JsonlRows, ParquetRows, Task, chat_file
 
 TIMEOUT_S = 5.0

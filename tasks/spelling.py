@@ -14,7 +14,7 @@ RNG, so any index (and any slice) is reproducible on its own; the test split use
 import random
 
 from nanopipe.common import UserError, read_text_file
-from nanopipe.execution import calculate
+from nanopipe.calculator import calculate
 from tasks.common import Task, chat_file, last_number, same_number
 
 SPELL_PROMPTS = ["Spell the word: {word}", "How do you spell {word}?", "Spell {word} letter by letter."]

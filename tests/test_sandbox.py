@@ -26,9 +26,9 @@ from string import Template
 
 import pytest
 
-from nanopipe import execution
+from nanopipe import sandbox
 from nanopipe.common import UserError
-from nanopipe.execution import MAX_OUTPUT_BYTES, SCRATCH_BYTES, run_sandboxed
+from nanopipe.sandbox import MAX_OUTPUT_BYTES, SCRATCH_BYTES, run_sandboxed
 from tasks.humaneval import HumanEval
 from tests.conftest import subprocess_env
 
@@ -280,7 +280,7 @@ def test_unsafe_exec_lets_attacks_through(ctx):
 
 @needs_bwrap
 def test_sandbox_is_available_here():
-    assert execution.sandbox_problem() is None
+    assert sandbox.sandbox_problem() is None
 
 
 ESCAPES = {
@@ -646,9 +646,9 @@ def no_bwrap(tmp_path, monkeypatch):
     empty = tmp_path / "bin"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
-    execution.sandbox_problem.cache_clear()
+    sandbox.sandbox_problem.cache_clear()
     yield empty
-    execution.sandbox_problem.cache_clear()
+    sandbox.sandbox_problem.cache_clear()
 
 
 def test_missing_bubblewrap_is_refused_with_the_package_name(no_bwrap):

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanopipe.common import UserError
-from nanopipe.execution import calculate
+from nanopipe.calculator import calculate
 from nanopipe.shards import dataset_dir
 from nanopipe.tokenizer import check_conversation
 from tasks.arc import ARC

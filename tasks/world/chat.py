@@ -14,7 +14,7 @@ SFT as well was measured on the demo model: 55 % of open fact questions and 30 %
 right; a 5M-parameter model, after 150 SFT steps, answers in chat mostly what it was shown in chat.
 """
 
-from nanopipe.execution import calculate
+from nanopipe.calculator import calculate
 from tasks.common import mc_conversation
 from tasks.spelling import COUNT_PROMPTS, SPELL_PROMPTS, pick_letter, spell, spelling_bee_conversation
 from tasks.world.facts import GOODS, World, build_world, mc_choices, stream_rng

@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from nanopipe.execution import calculate
+from nanopipe.calculator import calculate
 
 
 # -----------------------------------------------------------------------------
