@@ -264,11 +264,8 @@ def train(args, stage):
                 check_initial_loss(train_loss, config.vocab_size, data_name)
             check_finite(step, train_loss, grad_norm, ckpt_dir, saved_step,
                          "--matrix-lr/--embedding-lr/--unembedding-lr")
-            spike = it >= 10 and grad_norm > SPIKE_FACTOR * loop.grad_norm_ema
-            skipped = spike and args.skip_spikes
+            spike, skipped = check_spike(it, grad_norm, loop, args.skip_spikes)
             step_fn.update(apply=not skipped)
-            if not skipped:
-                loop.grad_norm_ema = grad_norm if it == 0 else 0.9 * loop.grad_norm_ema + 0.1 * grad_norm
             timing = clock.stop()
             loop.smooth_loss = 0.9 * loop.smooth_loss + 0.1 * train_loss
             record = {"step": step, "loss": train_loss, "lr": lrm * args.matrix_lr * plan.lr_scale, "lrm": lrm,
@@ -306,6 +303,16 @@ def train(args, stage):
                  {"train_loss": series_from_log(records, "loss", "train loss (nats/token)"),
                   "val_bpb": series_from_log(records, "val_bpb", "val bpb (bits/byte)")})
     cleanup_distributed()
+
+
+def check_spike(it: int, grad_norm: float, loop: PretrainLoopState, skip: bool) -> tuple[bool, bool]:
+    """(spike, skip its update): a grad norm SPIKE_FACTOR times its running mean after step 10 is a spike;
+    the running mean follows every step whose update is applied."""
+    spike = it >= 10 and grad_norm > SPIKE_FACTOR * loop.grad_norm_ema
+    skipped = spike and skip
+    if not skipped:
+        loop.grad_norm_ema = grad_norm if it == 0 else 0.9 * loop.grad_norm_ema + 0.1 * grad_norm
+    return spike, skipped
 
 
 def check_initial_loss(loss: float, vocab_size: int, data_name: str):

@@ -22,7 +22,7 @@ from nanopipe.checkpoint import (checkpoint_root, clean_state_dict, find_last_st
 from nanopipe.common import UserError, get_base_dir
 from nanopipe.gpt import build_model, config_from_depth
 from nanopipe.optim import setup_optimizers
-from nanopipe.pretrain import lr_multiplier, make_plan, muon_momentum, muon_weight_decay
+from nanopipe.pretrain import PretrainLoopState, lr_multiplier, make_plan, muon_momentum, muon_weight_decay
 from nanopipe.tokenizer import Tokenizer
 from scripts import base_train
 from tests.conftest import subprocess_env
@@ -277,6 +277,18 @@ def test_plan_rejects_a_batch_that_does_not_divide_and_names_the_sizes_that_do()
     message = str(e.value)
     assert "--device-batch-size" in message and "3,072" in message and "[1, 2, 4, 8, 16, 32" in message
     assert "\n" not in message
+
+
+def test_a_grad_norm_spike_is_found_after_step_10_and_skipped_updates_leave_the_mean_alone():
+    loop = PretrainLoopState()
+    assert base_train.check_spike(0, 2.0, loop, skip=True) == (False, False) and loop.grad_norm_ema == 2.0
+    assert base_train.check_spike(5, 50.0, loop, skip=True) == (False, False)  # too early to call a spike
+    assert loop.grad_norm_ema == pytest.approx(0.9 * 2.0 + 0.1 * 50.0)
+    mean = loop.grad_norm_ema
+    assert base_train.check_spike(11, 6 * mean, loop, skip=True) == (True, True) and loop.grad_norm_ema == mean
+    assert base_train.check_spike(12, 6 * mean, loop, skip=False) == (True, False)  # logged, update kept
+    assert loop.grad_norm_ema == pytest.approx(0.9 * mean + 0.1 * 6 * mean)
+    assert base_train.check_spike(13, 1.0, loop, skip=True) == (False, False)
 
 
 def test_schedules():
