@@ -3,8 +3,9 @@
 calculate(expr) parses the expression with `ast` and walks an allow-list: numbers, + - * / // % **, unary +/-,
 parentheses, and `'literal'.count('literal')`. Every operation is bounded (input length, magnitude of every
 intermediate result, exponent size), so the work done is tiny by construction and no timer is needed; a
-wall-clock deadline checked at every node is a second line of defence. There is no SIGALRM (which only works
-on the main thread, nanochat#145), so it is safe to call from any thread.
+deadline on the thread's CPU time (not the wall clock, which a busy machine or a GIL wait eats into) checked
+at every node is a second line of defence. There is no SIGALRM (which only works on the main thread,
+nanochat#145), so it is safe to call from any thread.
 """
 
 import ast
@@ -16,7 +17,7 @@ MAX_EXPR_CHARS = 256          # longer inputs are refused outright
 MAX_ABS_INT = 10 ** 100       # any intermediate integer beyond this is refused
 MAX_POW_EXPONENT = 1024       # |exponent| of ** beyond this is refused
 MAX_STR_CHARS = 256           # string literals for .count()
-CALC_DEADLINE_S = 0.1         # belt and braces: the walk is bounded anyway
+CALC_DEADLINE_S = 0.1         # CPU seconds; belt and braces: the walk is bounded anyway
 
 _BINARY_OPS = {
     ast.Add: lambda a, b: a + b,
@@ -56,7 +57,7 @@ def _power(base, exponent):
 
 
 def _eval_node(node, deadline):
-    if time.monotonic() > deadline:
+    if time.thread_time() > deadline:
         raise _Refused("time limit")
     if isinstance(node, ast.Expression):
         return _eval_node(node.body, deadline)
@@ -132,6 +133,6 @@ def calculate(expr: str) -> str | None:
         if not expr:
             return None
         tree = ast.parse(expr, mode="eval")
-        return format_number(_eval_node(tree, time.monotonic() + CALC_DEADLINE_S))
+        return format_number(_eval_node(tree, time.thread_time() + CALC_DEADLINE_S))
     except Exception:  # _Refused, SyntaxError, ZeroDivisionError, OverflowError, RecursionError, ...
         return None
