@@ -51,22 +51,46 @@ warn() { echo "warning: $*" >&2; }
 is_count() { case "$1" in '' | *[!0-9]* | 0*) return 1 ;; esac; }
 
 settings_from_depth() {  # settings_from_depth DEPTH SEQ_LEN DEVICE_BATCH_SIZE: the defaults of those three;
-    # checks them and derives NUM_SHARDS (unless set), MODEL_TAG and the base dir
-    local var tokens
+    # checks them and sets MODEL_TAG and the base dir (NUM_SHARDS comes from the plan: shards_from_plan)
+    local var
     DEPTH=${DEPTH:-$1} SEQ_LEN=${SEQ_LEN:-$2} DEVICE_BATCH_SIZE=${DEVICE_BATCH_SIZE:-$3}
     for var in DEPTH SEQ_LEN DEVICE_BATCH_SIZE; do
         is_count "${!var}" || die "$var=${!var}: must be a positive whole number"
     done
-    # data needed: tokens = 12 x scaling params = 12 x (12 L w^2 + w x 32768) with width w = 64 L; at ~5 chars
-    # per token and ~250M chars per shard, rounded up, plus the val shard (d12: 28 shards, d20: 106)
-    tokens=$(( 12 * (12 * DEPTH * (64 * DEPTH) ** 2 + 64 * DEPTH * 32768) ))
-    NUM_SHARDS=${NUM_SHARDS:-$(( tokens * 5 / 250000000 + 2 ))}
-    if ! is_count "$NUM_SHARDS" || [ "$NUM_SHARDS" -lt 2 ]; then
+    if [ -n "${NUM_SHARDS:-}" ] && { ! is_count "$NUM_SHARDS" || [ "$NUM_SHARDS" -lt 2 ]; }; then
         die "NUM_SHARDS=$NUM_SHARDS: need a whole number of at least 2 (train shards + the val shard)"
     fi
-    MODEL_TAG="d$DEPTH"
+    model_tag_setting "d$DEPTH"
     export NANOPIPE_BASE_DIR="${NANOPIPE_BASE_DIR:-$HOME/.cache/nanopipe}"
     export OMP_NUM_THREADS=1
+}
+
+model_tag_setting() {  # model_tag_setting DEFAULT: MODEL_TAG, as every run script names it (TAG: its old name)
+    MODEL_TAG=${MODEL_TAG:-${TAG:-$1}}
+    case "$MODEL_TAG" in
+        '' | *[!A-Za-z0-9._-]* | [.-]*) die "MODEL_TAG=$MODEL_TAG: use letters, digits, '.', '_' and '-' (e.g. d12)" ;;
+    esac
+}
+
+shards_from_plan() {  # NUM_SHARDS (unless set): what the token budget base_train plans for these settings needs
+    local out plan tokens new_base=0 rc=0
+    command -v "$PY" >/dev/null || die "no python at $PY: run \`bash runs/setup.sh\` (or activate your virtualenv) first"
+    # the plan alone, on meta tensors (seconds, no GPU); a batch that does not divide the total batch stops here
+    # with base_train's own message. Its tokenizer lookup creates the base dir, which a first run removes again
+    if [ ! -d "$NANOPIPE_BASE_DIR" ]; then new_base=1; fi
+    out=$("$PY" -m scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ_LEN" \
+              --device-batch-size "$DEVICE_BATCH_SIZE" --dry-run --json --device meta 2>&1) || rc=$?
+    if [ "$new_base" = "1" ]; then rmdir "$NANOPIPE_BASE_DIR" 2>/dev/null || true; fi
+    if [ "$rc" != "0" ]; then
+        out=$(printf '%s\n' "$out" | grep '^error: ' | tail -n 1)
+        die "${out#error: } (DEPTH=$DEPTH SEQ_LEN=$SEQ_LEN DEVICE_BATCH_SIZE=$DEVICE_BATCH_SIZE)"
+    fi
+    plan=$(printf '%s\n' "$out" | tail -n 1)
+    tokens=$(printf '%s\n' "$plan" | "$PY" -c 'import json, sys; p = json.load(sys.stdin)
+print(p["num_iterations"] * p["total_batch_size"])') || die "base_train --dry-run --json printed no plan: $plan"
+    # ~5 chars per token and ~250M chars per shard, rounded down, plus one for the remainder and the val
+    # shard (d12: 1.32B tokens, 28 shards; d20: 5.22B, 106)
+    NUM_SHARDS=${NUM_SHARDS:-$(( tokens * 5 / 250000000 + 2 ))}
 }
 
 list_gpus() {  # set gpus to nvidia-smi's GPU names, one a line; stop with directions when there is none
@@ -76,6 +100,56 @@ list_gpus() {  # set gpus to nvidia-smi's GPU names, one a line; stop with direc
         local first_line=${gpus%%$'\n'*}
         die "nvidia-smi sees no GPU (${first_line:-it lists none}): check the driver with \`nvidia-smi\`, or run \`bash runs/speedrun_cpu.sh\` for the CPU demo (NANOPIPE_SKIP_GPU_CHECK=1 skips this check)"
     fi
+}
+
+find_cuda_toolkit() {  # CUDA_TOOLKIT: the first CUDA >= 13 toolkit of $CUDA_HOME, $CUDA_PREFIX/cuda and
+    # $CUDA_PREFIX/cuda-<version> (newest first; CUDA_PREFIX defaults to /usr/local), judged by its ptxas's release;
+    # empty if none. Found, it becomes CUDA_HOME and both ptxas variables: Triton reads TRITON_PTXAS_BLACKWELL_PATH
+    # for compute capability >= 10 (GB10 is sm_121) and TRITON_PTXAS_PATH below. LD_LIBRARY_PATH stays as it is:
+    # torch's wheels bring their own CUDA libraries.
+    local prefix=${CUDA_PREFIX:-/usr/local} dir release
+    local -a candidates=()
+    CUDA_TOOLKIT='' CUDA_TOOLKITS_SEEN=''
+    if [ -n "${CUDA_HOME:-}" ]; then candidates+=("$CUDA_HOME"); fi
+    candidates+=("$prefix/cuda")
+    while IFS= read -r dir; do candidates+=("$dir"); done < <(printf '%s\n' "$prefix"/cuda-[0-9]* | sort -rV)
+    for dir in "${candidates[@]}"; do
+        [ -x "$dir/bin/ptxas" ] || continue
+        release=$("$dir/bin/ptxas" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9]*\.[0-9]*\).*/\1/p') || true
+        [ -n "$release" ] || continue
+        if [ "${release%%.*}" -ge 13 ]; then
+            CUDA_TOOLKIT=$dir
+            export CUDA_HOME="$dir" TRITON_PTXAS_PATH="$dir/bin/ptxas" TRITON_PTXAS_BLACKWELL_PATH="$dir/bin/ptxas"
+            export PATH="$dir/bin:$PATH"
+            echo "CUDA $release toolkit: $dir (TRITON_PTXAS_PATH and TRITON_PTXAS_BLACKWELL_PATH=$dir/bin/ptxas)"
+            return 0
+        fi
+        CUDA_TOOLKITS_SEEN="${CUDA_TOOLKITS_SEEN:+$CUDA_TOOLKITS_SEEN, }CUDA $release at $dir"
+    done
+    echo "no CUDA >= 13 toolkit${CUDA_TOOLKITS_SEEN:+ (only $CUDA_TOOLKITS_SEEN)}: Triton would use its bundled ptxas"
+}
+
+need_cuda13_for_compile() {  # on a GB10 (sm_121) Triton's bundled ptxas cannot build kernels: CUDA 13's must
+    if [ "$COMPILE" = "0" ] || [ -n "$CUDA_TOOLKIT" ]; then return 0; fi
+    die "no CUDA >= 13 toolkit in \$CUDA_HOME, ${CUDA_PREFIX:-/usr/local}/cuda or ${CUDA_PREFIX:-/usr/local}/cuda-13.*${CUDA_TOOLKITS_SEEN:+ (found only $CUDA_TOOLKITS_SEEN)}: torch.compile on the GB10 (sm_121) needs CUDA 13's ptxas; install the CUDA 13 toolkit and set CUDA_HOME to it (e.g. CUDA_HOME=/usr/local/cuda-13.0), or set COMPILE=0 to train without torch.compile (about 2x slower)"
+}
+
+compile_setting() {  # COMPILE: 1 (the default) or 0; checked
+    COMPILE=${COMPILE:-1}
+    case "$COMPILE" in 0 | 1) ;; *) die "COMPILE=$COMPILE: use 1 (torch.compile, the default) or 0 (eager)" ;; esac
+}
+
+compile_probe() {  # with COMPILE=1: a tiny torch.compile on the training device (runs/compile_probe.py, seconds),
+    # so that a Triton or ptxas that cannot build kernels stops the run now, before any download, not hours in
+    local cmd=("$PY" runs/compile_probe.py) out cause
+    if [ "$COMPILE" = "0" ]; then return 0; fi
+    echo "== compile_probe: ${cmd[*]}"
+    if [ "${DRY_RUN:-0}" = "1" ]; then return 0; fi
+    if ! out=$(timeout "${COMPILE_PROBE_TIMEOUT:-600}" "${cmd[@]}" 2>&1); then
+        cause=$(printf '%s\n' "$out" | sed -n 's/^compile probe: failed: //p' | tail -n 1)
+        die "torch.compile cannot build kernels here (${cause:-the probe timed out or crashed}): point CUDA_HOME at a CUDA >= 13 toolkit (its ptxas; \`bash runs/setup.sh\` installs a missing Triton), or set COMPILE=0 to train without torch.compile (about 2x slower)"
+    fi
+    echo "$out"
 }
 
 check_disk() {  # check_disk GB: room for the missing FineWeb-Edu shards (~100 MB each) plus GB for the rest

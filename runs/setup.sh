@@ -19,9 +19,11 @@ else
     PY=python
 fi
 
+gpu=0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then gpu=1; fi
+index="${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cu130}"
 if ! $PY -c 'import torch' 2>/dev/null; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        index="${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cu130}"
+    if [ "$gpu" = "1" ]; then
         echo "setup: NVIDIA GPU found; installing torch from $index"
         $PY -m pip install torch --index-url "$index"
     elif [ "$(uname -s)" = "Darwin" ]; then
@@ -35,6 +37,16 @@ if ! $PY -c 'import torch' 2>/dev/null; then
         $PY -m pip install -q "$want" 2>/dev/null \
             || $PY -m pip install "$want" --extra-index-url "${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
     fi
+fi
+
+# torch.compile on a GPU needs Triton; aarch64 CUDA wheels (DGX Spark) have not always pulled it in. The version
+# torch names in its own requirements (whatever their platform marker), else the newest.
+if [ "$gpu" = "1" ] && ! $PY -c 'import triton' 2>/dev/null; then
+    triton=$($PY -c 'import importlib.metadata as m, re
+reqs = [r.split(";")[0].replace(" ", "") for r in m.requires("torch") or []]
+print(next((r for r in reqs if re.match(r"(pytorch-)?triton\b", r)), "triton"))')
+    echo "setup: this torch has no Triton; installing $triton"
+    $PY -m pip install "$triton" --extra-index-url "$index"
 fi
 
 if ! $PY -m pip show -q nanopipe >/dev/null 2>&1 || ! $PY -c 'import pytest, hypothesis, transformers, safetensors, fastapi, uvicorn, playwright' 2>/dev/null; then

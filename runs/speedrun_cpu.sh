@@ -11,6 +11,7 @@
 # checkpoint (kill it at any point and run it again). FRESH=1 starts over (new checkpoints and report).
 # Overrides: NANOPIPE_BASE_DIR (default ~/.cache/nanopipe), NANOPIPE_REPORT_DIR, DEPTH, VOCAB, SEQ_LEN,
 # BASE_STEPS, SFT_STEPS, SAVE_EVERY, CORE_MAX_PER_TASK, CHAT_EVAL_PROBLEMS, DOLLARS_PER_HOUR,
+# MODEL_TAG (default d<DEPTH>; TAG is its old name),
 # OMP_NUM_THREADS (default 1), SKIP_SETUP=1 (skip runs/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,9 +34,9 @@ SAVE_EVERY="${SAVE_EVERY:-25}"
 CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:--1}"
 CHAT_EVAL_PROBLEMS="${CHAT_EVAL_PROBLEMS:-100}"
 DOLLARS_PER_HOUR="${DOLLARS_PER_HOUR:-0.10}"  # what a small 2-core cloud VM costs, for the report's estimate
-TAG="d$DEPTH"
+model_tag_setting "d$DEPTH"
 
-start_run "cpu_$TAG" "$TAG"
+start_run "cpu_$MODEL_TAG" "$MODEL_TAG"
 echo "nanopipe CPU speedrun: depth $DEPTH, seq $SEQ_LEN, vocab $VOCAB, $BASE_STEPS pretraining + $SFT_STEPS SFT steps"
 echo "base dir: $NANOPIPE_BASE_DIR"
 
@@ -46,22 +47,24 @@ step base_train  "$PY" -m scripts.base_train --depth "$DEPTH" --head-dim 64 --ma
                      --device-batch-size 16 --total-batch-size 8192 --num-iterations "$BASE_STEPS" \
                      --matrix-lr 0.06 --embedding-lr 1.0 --unembedding-lr 0.02 \
                      --warmup-ratio 0.02 --warmdown-ratio 0.4 --eval-every 50 --eval-tokens 65536 \
-                     --save-every "$SAVE_EVERY" --sample-every -1 --core-metric-every -1 --resume
+                     --save-every "$SAVE_EVERY" --sample-every -1 --core-metric-every -1 --model-tag "$MODEL_TAG" --resume
 step base_eval   "$PY" -m scripts.base_eval --device-batch-size 16 --split-tokens 65536 \
-                     --max-per-task "$CORE_MAX_PER_TASK"
+                     --max-per-task "$CORE_MAX_PER_TASK" --model-tag "$MODEL_TAG"
 step chat_sft    "$PY" -m scripts.chat_sft --num-iterations "$SFT_STEPS" --device-batch-size 8 \
-                     --eval-every 50 --val-conversations 200 --save-every "$SAVE_EVERY" --resume
-step chat_eval_base "$PY" -m scripts.chat_eval -i base --max-problems "$CHAT_EVAL_PROBLEMS" --max-new-tokens 64
+                     --eval-every 50 --val-conversations 200 --save-every "$SAVE_EVERY" \
+                     --model-tag "$MODEL_TAG" --resume
+step chat_eval_base "$PY" -m scripts.chat_eval -i base --max-problems "$CHAT_EVAL_PROBLEMS" --max-new-tokens 64 \
+                     --model-tag "$MODEL_TAG"
 step chat_eval   "$PY" -m scripts.chat_eval -i sft --max-problems "$CHAT_EVAL_PROBLEMS" --max-new-tokens 64 \
-                     --tool-ablation
+                     --tool-ablation --model-tag "$MODEL_TAG"
 "$PY" -m nanopipe.report generate --dollars-per-hour "$DOLLARS_PER_HOUR"
 
 report_dir="${NANOPIPE_REPORT_DIR:-report}"
 echo
 echo "done in $(elapsed)."
 echo "  report: $report_dir/report.md"
-echo "  models: $NANOPIPE_BASE_DIR/checkpoints/{base,sft}/$TAG"
-echo "  chat:   $PY -m scripts.chat_cli        (or -p \"What is the capital of ...?\" for one answer)"
+echo "  models: $NANOPIPE_BASE_DIR/checkpoints/{base,sft}/$MODEL_TAG"
+echo "  chat:   $PY -m scripts.chat_cli --model-tag $MODEL_TAG   (or -p \"What is the capital of ...?\" for one answer)"
 echo
 echo "the SFT model answers the README's example prompts (greedy, scripts.chat_cli --demo -t 0):"
-"$PY" -m scripts.chat_cli --demo -t 0 --model-tag "$TAG"
+"$PY" -m scripts.chat_cli --demo -t 0 --model-tag "$MODEL_TAG"

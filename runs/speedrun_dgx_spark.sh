@@ -13,14 +13,19 @@
 #   SEQ_LEN [1024]         pretraining context length
 #   DEVICE_BATCH_SIZE [64] rows per micro-batch; on an out-of-memory error halve it (gradient accumulation
 #                          doubles, the result is the same); it must divide the total batch (base_train says so)
-#   NUM_SHARDS [by depth]  FineWeb-Edu shards to download (~100 MB each, the last one is validation)
+#   NUM_SHARDS [by the plan]  FineWeb-Edu shards to download (~100 MB each, the last one is validation): the
+#                          tokens base_train plans for DEPTH/SEQ_LEN (its --dry-run --json), at ~5 chars a token
+#   MODEL_TAG [d<DEPTH>]   checkpoint and log name (TAG, its old name, still works)
 #   NANOPIPE_BASE_DIR [~/.cache/nanopipe]   data, tokenizer, checkpoints, logs
 #   NANOPIPE_REPORT_DIR [report/]   report sections and report.md
-#   COMPILE [1 with a CUDA 13 toolkit, else 0]   torch.compile the training model
+#   COMPILE [1]            torch.compile the training model; a compile probe (runs/compile_probe.py, seconds)
+#                          first proves it works here, else the run stops naming the fix; COMPILE=0: eager, ~2x slower
+#   CUDA_HOME [searched]   the CUDA >= 13 toolkit whose ptxas Triton needs for sm_121: $CUDA_HOME, else
+#                          /usr/local/cuda, else the newest /usr/local/cuda-13.* (CUDA_PREFIX=/usr/local)
 #   DOLLARS_PER_HOUR [0.19]   for the report's cost line (see below)
 #   WANDB_RUN [unset]      also log pretraining to wandb under this name
-#   FRESH=1                forget the step markers and reset the report (checkpoints stay: delete
-#                          $NANOPIPE_BASE_DIR/checkpoints/base/d<DEPTH> to retrain from scratch)
+#   FRESH=1                start over: deletes the step markers and MODEL_TAG's checkpoints and logs and resets
+#                          the report (data and tokenizer are kept: rebuilding them gives the same bytes)
 #   DRY_RUN=1              do every check and the skip logic, print the GPU/network commands, run none, write nothing
 #   SKIP_SETUP=1           use the python environment as it is (no runs/setup.sh)
 #   NANOPIPE_SKIP_GPU_CHECK=1   skip the nvidia-smi / torch.cuda checks
@@ -49,12 +54,14 @@ cd "$(dirname "$0")/.."
 # shellcheck source=runs/common.sh
 source runs/common.sh  # step, start_run, and the parts shared with runs/speedrun_gpu.sh
 
-# DEPTH 12, SEQ_LEN 1024, DEVICE_BATCH_SIZE 64 unless set; NUM_SHARDS (what DEPTH's token budget needs), MODEL_TAG
+# DEPTH 12, SEQ_LEN 1024, DEVICE_BATCH_SIZE 64 unless set; MODEL_TAG; COMPILE
 settings_from_depth 12 1024 64
+compile_setting
 DOLLARS_PER_HOUR=${DOLLARS_PER_HOUR:-0.19}
 
 # ---------------------------------------------------------------------------------------------------------
-# prerequisites: a GPU, a CUDA 13 ptxas for sm_121, disk for the shards
+# prerequisites: a GPU, a CUDA 13 ptxas for sm_121, the python environment, disk for the shards, a compiler
+# that works; all checked before anything is written
 
 if [ "${NANOPIPE_SKIP_GPU_CHECK:-0}" != "1" ]; then
     list_gpus
@@ -67,24 +74,18 @@ if [ "${NANOPIPE_SKIP_GPU_CHECK:-0}" != "1" ]; then
 fi
 
 # Triton's bundled ptxas does not know sm_121a: torch.compile needs the CUDA 13 toolkit's (REFERENCE §1.7)
-cuda_home=${CUDA_HOME:-/usr/local/cuda-13.0}
-cuda_release=$("$cuda_home/bin/ptxas" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9]*\)\..*/\1/p') || true
-if [ -n "$cuda_release" ] && [ "$cuda_release" -ge 13 ]; then
-    export CUDA_HOME="$cuda_home" TRITON_PTXAS_PATH="$cuda_home/bin/ptxas"
-    export PATH="$cuda_home/bin:$PATH" LD_LIBRARY_PATH="$cuda_home/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    echo "CUDA $cuda_release toolkit: $cuda_home (TRITON_PTXAS_PATH=$TRITON_PTXAS_PATH)"
-    COMPILE=${COMPILE:-1}
-else
-    warn "no CUDA 13 toolkit in $cuda_home (${cuda_release:+its ptxas is CUDA $cuda_release; }set CUDA_HOME to yours): torch.compile may fail on sm_121, so the run proceeds without --compile (slower)"
-    COMPILE=${COMPILE:-0}
-fi
+find_cuda_toolkit
+case "${gpus:-}" in *GB10*) need_cuda13_for_compile ;; esac
 
+# cu130 wheels (runs/setup.sh's default index; it adds Triton where the aarch64 wheels lack it)
+setup_python https://download.pytorch.org/whl/cu130
+shards_from_plan  # NUM_SHARDS
 check_disk 15  # GB for checkpoints, chat data and the eval bundle, besides the missing shards
+compile_probe
 
 # ---------------------------------------------------------------------------------------------------------
-# python environment (cu130 wheels: runs/setup.sh's default index), then the run
+# the run
 
-setup_python https://download.pytorch.org/whl/cu130
 lock_base_dir
 start_run "dgx_spark_$MODEL_TAG" "$MODEL_TAG"
 

@@ -15,15 +15,20 @@
 #   SEQ_LEN [2048]         pretraining context length
 #   DEVICE_BATCH_SIZE [32] rows per micro-batch per GPU; on an out-of-memory error halve it (gradient accumulation
 #                          doubles, the result is the same); it must divide the total batch (base_train says so)
-#   NUM_SHARDS [by depth]  FineWeb-Edu shards to download (~100 MB each, the last one is validation)
+#   NUM_SHARDS [by the plan]  FineWeb-Edu shards to download (~100 MB each, the last one is validation): the
+#                          tokens base_train plans for DEPTH/SEQ_LEN (its --dry-run --json), at ~5 chars a token
+#   MODEL_TAG [d<DEPTH>]   checkpoint and log name (TAG, its old name, still works)
 #   NANOPIPE_BASE_DIR [~/.cache/nanopipe]   data, tokenizer, checkpoints, logs
 #   NANOPIPE_REPORT_DIR [report/]   report sections and report.md
 #   NANOPIPE_TORCH_INDEX [by driver]   the PyTorch wheel index for runs/setup.sh (cu130, cu128 or cu126)
-#   COMPILE [1]            torch.compile the training model
+#   COMPILE [1]            torch.compile the training model; a compile probe (runs/compile_probe.py, seconds)
+#                          first proves it works here, else the run stops naming the fix; COMPILE=0: eager, ~2x slower
+#   CUDA_HOME [searched]   a CUDA >= 13 toolkit, used for Triton's ptxas when found ($CUDA_HOME, /usr/local/cuda,
+#                          the newest /usr/local/cuda-13.*; CUDA_PREFIX=/usr/local); else Triton's bundled ptxas
 #   DOLLARS_PER_HOUR [3 x NPROC]   for the report's cost line (~$3 per GPU-hour on demand; set yours)
 #   WANDB_RUN [unset]      also log pretraining to wandb under this name
-#   FRESH=1                forget the step markers and reset the report (checkpoints stay: delete
-#                          $NANOPIPE_BASE_DIR/checkpoints/base/d<DEPTH> to retrain from scratch)
+#   FRESH=1                start over: deletes the step markers and MODEL_TAG's checkpoints and logs and resets
+#                          the report (data and tokenizer are kept: rebuilding them gives the same bytes)
 #   DRY_RUN=1              do every check and the skip logic, print the GPU/network commands, run none, write nothing
 #   SKIP_SETUP=1           use the python environment as it is (no runs/setup.sh)
 #   NANOPIPE_SKIP_GPU_CHECK=1   skip the nvidia-smi / torch.cuda checks
@@ -37,12 +42,13 @@ cd "$(dirname "$0")/.."
 # shellcheck source=runs/common.sh
 source runs/common.sh  # step, start_run, and the parts shared with runs/speedrun_dgx_spark.sh
 
-# DEPTH 20, SEQ_LEN 2048, DEVICE_BATCH_SIZE 32 unless set; NUM_SHARDS (what DEPTH's token budget needs), MODEL_TAG
+# DEPTH 20, SEQ_LEN 2048, DEVICE_BATCH_SIZE 32 unless set; MODEL_TAG; COMPILE
 settings_from_depth 20 2048 32
-COMPILE=${COMPILE:-1}
+compile_setting
 
 # ---------------------------------------------------------------------------------------------------------
-# prerequisites: GPUs (how many, and the driver's CUDA version for the wheel index), disk for the shards
+# prerequisites: GPUs (how many, and the driver's CUDA version for the wheel index), the python environment,
+# disk for the shards, a compiler that works; all checked before anything is written
 
 gpu_count=
 if [ "${NANOPIPE_SKIP_GPU_CHECK:-0}" != "1" ]; then
@@ -72,13 +78,16 @@ if [ -n "$gpu_count" ] && [ "$NPROC" -gt "$gpu_count" ]; then
     die "NPROC=$NPROC but $gpu_count GPU(s) visible: one process per GPU, so NPROC <= $gpu_count"
 fi
 DOLLARS_PER_HOUR=${DOLLARS_PER_HOUR:-$((3 * NPROC))}
-
-check_disk 40  # GB for checkpoints (d20: ~10 GB each), chat data and the eval bundle, besides the missing shards
-
-# ---------------------------------------------------------------------------------------------------------
-# python environment, then the run
+find_cuda_toolkit  # optional here: Triton's bundled ptxas knows Hopper and Blackwell datacenter GPUs
 
 setup_python "${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cu128}"
+shards_from_plan  # NUM_SHARDS
+check_disk 40  # GB for checkpoints (d20: ~10 GB each), chat data and the eval bundle, besides the missing shards
+compile_probe
+
+# ---------------------------------------------------------------------------------------------------------
+# the run
+
 lock_base_dir
 start_run "gpu_$MODEL_TAG" "$MODEL_TAG"
 

@@ -100,7 +100,8 @@ def parse_args(argv=None):
     g.add_argument("--data", type=cli.name, default=None,
                    help="dataset name under <base>/data (default $NANOPIPE_DATA or fineweb-edu)")
     g.add_argument("--seed", type=cli.seed, default=42)
-    g.add_argument("--device", default=None, help="cuda|mps|cpu (default: autodetect)")
+    g.add_argument("--device", default=None,
+                   help="cuda|mps|cpu (default: autodetect); with --dry-run also meta: the plan alone, in seconds")
     g.add_argument("--compile", action="store_true", help="torch.compile the training model and Muon's update")
     g.add_argument("--resume", action="store_true", help="continue from the tag's last checkpoint if there is one")
     g.add_argument("--dry-run", action="store_true",
@@ -335,8 +336,9 @@ def dry_run(args):
 
 def plan_and_measure(args) -> dict:
     choice = args.device or os.environ.get("NANOPIPE_DEVICE")
-    fake = choice == "cuda" and not torch.cuda.is_available()
-    device = "cuda" if fake else autodetect_device(args.device)
+    plan_only = choice == "meta"  # shapes without data: nothing traced or measured (the run scripts size data by it)
+    fake = plan_only or (choice == "cuda" and not torch.cuda.is_available())
+    device = "meta" if plan_only else "cuda" if fake else autodetect_device(args.device)
     info = DistInfo() if fake else init_distributed(device)
     world = info.world_size
     dtype = training_dtype(device, bf16_supported=True if fake else None)
@@ -354,7 +356,7 @@ def plan_and_measure(args) -> dict:
     with torch.device("meta"):
         meta_model = GPT(config)
     describe(config, plan, meta_model.param_counts(), meta_model.num_params(), batch, world,
-             "cuda (fake: predicted, not measured)" if fake else device, dtype)
+             "cuda (fake: predicted, not measured)" if fake and not plan_only else device, dtype)
     if device == "cuda" and trace is None:
         trace = predicted_peak(args, config, world, device, dtype, batch)
     predicted_gb = trace["peak_bytes"] / GIB if trace else None
@@ -376,7 +378,8 @@ def plan_and_measure(args) -> dict:
               "peak_memory_gb": predicted_gb, "peak_memory_source": "predicted" if trace else None,
               "tokens_per_second": None, "mfu": None, "eta_seconds": None}
     if fake:
-        print0("dry run on fake CUDA tensors: tok/s, MFU and the ETA need the GPU itself; nothing written")
+        print0("dry run on meta tensors: the plan only; nothing written" if plan_only else
+               "dry run on fake CUDA tensors: tok/s, MFU and the ETA need the GPU itself; nothing written")
         return result
     try:
         result.update(measure_step(args, config, plan, batch, device, dtype, info))

@@ -23,7 +23,8 @@ SPARK = REPO / "runs" / "speedrun_dgx_spark.sh"
 GPU = REPO / "runs" / "speedrun_gpu.sh"
 SCRIPT_VARS = ("DEPTH", "SEQ_LEN", "DEVICE_BATCH_SIZE", "NUM_SHARDS", "NPROC", "COMPILE", "CUDA_HOME",
                "CUDA_VISIBLE_DEVICES", "NANOPIPE_TORCH_INDEX", "WANDB_RUN", "FRESH", "DOLLARS_PER_HOUR",
-               "NANOPIPE_SKIP_GPU_CHECK", "DRY_RUN", "SKIP_SETUP", "HF_ENDPOINT")
+               "NANOPIPE_SKIP_GPU_CHECK", "DRY_RUN", "SKIP_SETUP", "HF_ENDPOINT", "CUDA_PREFIX", "MODEL_TAG", "TAG",
+               "TRITON_PTXAS_PATH", "TRITON_PTXAS_BLACKWELL_PATH", "COMPILE_PROBE_TIMEOUT")
 
 
 def write_program(path: Path, text: str) -> Path:
@@ -46,18 +47,22 @@ def fake_cuda(root: Path, release="13.0") -> Path:
 
 @pytest.fixture
 def tools(tmp_path):
-    """A bin dir with a GB10 nvidia-smi and a CUDA 13 toolkit dir, both stand-ins."""
+    """A bin dir with a GB10 nvidia-smi, a CUDA 13 toolkit dir, both stand-ins, and an empty CUDA_PREFIX (so the
+    machine's own /usr/local/cuda* stay out of the search)."""
     bin_dir = tmp_path / "bin"
     fake_nvidia_smi(bin_dir)
-    return {"bin": bin_dir, "cuda": fake_cuda(tmp_path / "cuda-13.0")}
+    (tmp_path / "prefix").mkdir()
+    return {"bin": bin_dir, "cuda": fake_cuda(tmp_path / "cuda-13.0"), "prefix": tmp_path / "prefix"}
 
 
 def run(script, tools, path=None, **env):
+    """The script in a dry run with the stand-ins; an env value of None unsets that variable."""
     full = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
-    full.update(DRY_RUN="1", SKIP_SETUP="1", CUDA_HOME=str(tools["cuda"]),
+    full.update(DRY_RUN="1", SKIP_SETUP="1", CUDA_HOME=str(tools["cuda"]), CUDA_PREFIX=str(tools["prefix"]),
                 PATH=path if path is not None else f"{tools['bin']}{os.pathsep}{os.environ['PATH']}")
     full.update({k: str(v) for k, v in env.items()})
-    return subprocess.run(["bash", str(script)], env=full, capture_output=True, text=True, timeout=120)
+    full = {k: v for k, v in full.items() if v != "None"}
+    return subprocess.run(["bash", str(script)], env=full, capture_output=True, text=True, timeout=600)
 
 
 def steps(stdout: str) -> dict:
@@ -104,8 +109,11 @@ def test_dry_run_prints_every_stage_in_order_and_writes_nothing(tools):
     assert first["data_head"] < first["data"] < first["base_train"]
     waiting = next(i for i, l in enumerate(lines) if l.startswith("== waiting for the FineWeb-Edu download"))
     assert waiting < first["base_train"]
-    # CUDA 13 set-up and the closing directions
-    assert f"TRITON_PTXAS_PATH={tools['cuda']}/bin/ptxas" in r.stdout
+    # CUDA 13 set-up (both ptxas variables), the compile probe before the plan, and the closing directions
+    assert f"CUDA 13.0 toolkit: {tools['cuda']} (TRITON_PTXAS_PATH and TRITON_PTXAS_BLACKWELL_PATH=" \
+        f"{tools['cuda']}/bin/ptxas)" in r.stdout
+    assert s["compile_probe"].endswith("python runs/compile_probe.py")
+    assert first["compile_probe"] < first["plan"]
     assert f"{os.environ['NANOPIPE_REPORT_DIR']}/report.md" in r.stdout
     assert "-m scripts.chat_cli --model-tag d12" in r.stdout
     assert f"{base_dir()}/checkpoints/sft/d12" in r.stdout
@@ -184,17 +192,113 @@ def test_other_gpu_is_allowed_with_a_warning(tools):
 
 
 @pytest.mark.parametrize("cuda", ["missing", "12.8"])
-def test_without_a_cuda13_toolkit_the_run_proceeds_without_compile(tools, tmp_path, cuda):
+def test_a_gb10_without_a_cuda13_toolkit_stops_naming_the_fix_unless_compile_is_off(tools, tmp_path, cuda):
     home = tmp_path / "no-cuda" if cuda == "missing" else fake_cuda(tmp_path / "cuda-12", release=cuda)
     r = run(SPARK, tools, CUDA_HOME=home)
-    assert r.returncode == 0, r.stderr
-    assert "torch.compile may fail on sm_121" in r.stderr and "without --compile" in r.stderr
+    assert r.returncode == 2 and "== " not in r.stdout
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith(f"error: no CUDA >= 13 toolkit in $CUDA_HOME, {tools['prefix']}/cuda or "
+                           f"{tools['prefix']}/cuda-13.*")
+    assert "set CUDA_HOME to it" in line and "or set COMPILE=0" in line
     if cuda != "missing":
-        assert "its ptxas is CUDA 12" in r.stderr
-    assert "TRITON_PTXAS_PATH" not in r.stdout
+        assert f"(found only CUDA 12.8 at {home})" in line
+    assert not base_dir().exists()
+    r = run(SPARK, tools, CUDA_HOME=home, COMPILE=0)
+    assert r.returncode == 0, r.stderr
     s = steps(r.stdout)
-    assert "--compile" not in s["plan"] and "--compile" not in s["base_train"]
-    assert "--compile" in steps(run(SPARK, tools, CUDA_HOME=home, COMPILE=1).stdout)["base_train"]  # forced
+    assert "--compile" not in s["plan"] and "--compile" not in s["base_train"] and "compile_probe" not in s
+    assert "Triton would use its bundled ptxas" in r.stdout
+
+
+def test_the_toolkit_is_found_where_it_is_installed(tools, tmp_path):
+    prefix = tools["prefix"]
+    fake_cuda(prefix / "cuda", release="12.8")  # /usr/local/cuda pointing at an older toolkit
+    for version in ("13.0", "13.1", "12.9"):
+        fake_cuda(prefix / f"cuda-{version}", release=version)
+    r = run(SPARK, tools, CUDA_HOME=None)
+    assert r.returncode == 0, r.stderr
+    assert f"CUDA 13.1 toolkit: {prefix}/cuda-13.1 " in r.stdout  # the newest versioned one
+    fake_cuda(prefix / "cuda", release="13.0")
+    assert f"CUDA 13.0 toolkit: {prefix}/cuda " in run(SPARK, tools, CUDA_HOME=None).stdout
+    assert f"CUDA 13.0 toolkit: {tools['cuda']} " in run(SPARK, tools).stdout  # $CUDA_HOME first
+    # speedrun_gpu.sh uses one when there is one, and Triton's own ptxas otherwise
+    fake_nvidia_smi(tools["bin"], gpus=["NVIDIA H100 80GB HBM3"])
+    assert f"CUDA 13.0 toolkit: {tools['cuda']} " in run(GPU, tools).stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = run(GPU, tools, CUDA_HOME=None, CUDA_PREFIX=empty)
+    assert r.returncode == 0, r.stderr
+    assert "no CUDA >= 13 toolkit: Triton would use its bundled ptxas" in r.stdout
+    assert "--compile" in steps(r.stdout)["base_train"]
+
+
+def probe_run(tools, tmp_path, **env):
+    """Every step done already (so nothing but the checks and the report runs), for real: no dry run."""
+    run_dir = base_dir() / "runs" / "dgx_spark_d12"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("plan", "data_head", "data", "tok_train", "tok_eval", "eval_bundle", "chat_data", "base_train",
+                 "base_eval", "chat_sft", "chat_eval"):
+        (run_dir / f"{name}.done").touch()
+    return run(SPARK, tools, DRY_RUN=0, NANOPIPE_SKIP_GPU_CHECK=1, **env)
+
+
+def test_the_compile_probe_compiles_for_real_and_exports_the_toolkit(tools, tmp_path):
+    r = probe_run(tools, tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # on this CPU machine inductor builds C++ kernels; the probe sees the exported ptxas variables
+    assert f"compile probe: ok on cpu (C++ kernels; Triton's ptxas would be {tools['cuda']}/bin/ptxas)" in r.stdout
+
+
+def test_a_compiler_that_cannot_build_kernels_stops_the_run_before_anything_is_written(tools, tmp_path):
+    # a C++ compiler that fails is to inductor on CPU what a Triton/ptxas that fails is on a GPU; a fresh cache,
+    # so that no kernel compiled earlier is reused
+    broken = dict(CXX="/bin/false", TORCHINDUCTOR_CACHE_DIR=tmp_path / "inductor")
+    r = probe_run(tools, tmp_path, **broken)
+    assert r.returncode == 2, r.stdout + r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("error: torch.compile cannot build kernels here (InductorError: ")
+    assert "point CUDA_HOME at a CUDA >= 13 toolkit" in line and "or set COMPILE=0" in line
+    assert not (base_dir() / "runs" / ".lock").exists()  # not even the lock
+    assert not Path(os.environ["NANOPIPE_REPORT_DIR"]).exists()
+    r = probe_run(tools, tmp_path, COMPILE=0, **broken)  # eager training needs no compiler
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "compile probe" not in r.stdout
+
+
+def test_model_tag_is_one_name_across_the_scripts_and_tag_still_works(tools):
+    for script in (SPARK, GPU):
+        s = steps(run(script, tools, TAG="mine").stdout)
+        assert "--model-tag mine" in s["base_train"] and "--model-tag mine" in s["chat_sft"]
+        s = steps(run(script, tools, TAG="old", MODEL_TAG="new").stdout)
+        assert "--model-tag new" in s["base_train"]
+    r = run(SPARK, tools, MODEL_TAG="../up")
+    assert r.returncode == 2 and r.stderr.startswith("error: MODEL_TAG=../up: use letters, digits")
+    text = (REPO / "runs" / "speedrun_cpu.sh").read_text()
+    assert 'model_tag_setting "d$DEPTH"' in text and text.count('--model-tag "$MODEL_TAG"') == 5
+
+
+def test_the_data_size_comes_from_base_trains_plan(tools):
+    # NUM_SHARDS follows the tokens base_train's plan trains on (its --dry-run --json)
+    r = run(SPARK, tools, DEPTH=12, SEQ_LEN=1024)
+    plan = json.loads(subprocess.run(
+        [sys.executable, "-m", "scripts.base_train", "--depth", "12", "--max-seq-len", "1024", "--device-batch-size",
+         "64", "--dry-run", "--json", "--device", "meta"], cwd=REPO, capture_output=True, text=True).stdout)
+    tokens = plan["num_iterations"] * plan["total_batch_size"]
+    assert steps(r.stdout)["data"].endswith(f"--num-shards {tokens * 5 // 250_000_000 + 2}")
+    # a batch that does not divide the total batch: base_train's own message, before anything runs
+    r = run(SPARK, tools, DEVICE_BATCH_SIZE=48)
+    assert r.returncode == 2 and "== plan" not in r.stdout
+    [line] = r.stderr.strip().splitlines()
+    assert line.startswith("error: total batch 524,288 tokens is not a multiple of --device-batch-size 48")
+    assert "use --device-batch-size in [1, 2, 4, 8, 16, 32, 64" in line and line.endswith(
+        "(DEPTH=12 SEQ_LEN=1024 DEVICE_BATCH_SIZE=48)")
+
+
+def test_the_headers_say_what_fresh_does():
+    for script in (SPARK, GPU):
+        header = script.read_text().split("set -euo pipefail")[0]
+        assert "checkpoints stay" not in header
+        assert "FRESH=1                start over: deletes the step markers and MODEL_TAG's checkpoints" in header
 
 
 @pytest.mark.parametrize("env, message", [
