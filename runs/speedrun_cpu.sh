@@ -47,7 +47,8 @@ step base_train  "$PY" -m scripts.base_train --depth "$DEPTH" --head-dim 64 --ma
                      --device-batch-size 16 --total-batch-size 8192 --num-iterations "$BASE_STEPS" \
                      --matrix-lr 0.06 --embedding-lr 1.0 --unembedding-lr 0.02 \
                      --warmup-ratio 0.02 --warmdown-ratio 0.4 --eval-every 50 --eval-tokens 65536 \
-                     --save-every "$SAVE_EVERY" --sample-every -1 --core-metric-every -1 --model-tag "$MODEL_TAG" --resume
+                     --save-every "$SAVE_EVERY" --sample-every -1 --core-metric-every -1 \
+                     --model-tag "$MODEL_TAG" --resume
 step base_eval   "$PY" -m scripts.base_eval --device-batch-size 16 --split-tokens 65536 \
                      --max-per-task "$CORE_MAX_PER_TASK" --model-tag "$MODEL_TAG"
 step chat_sft    "$PY" -m scripts.chat_sft --num-iterations "$SFT_STEPS" --device-batch-size 8 \

@@ -274,7 +274,7 @@ def test_model_tag_is_one_name_across_the_scripts_and_tag_still_works(tools):
     r = run(SPARK, tools, MODEL_TAG="../up")
     assert r.returncode == 2 and r.stderr.startswith("error: MODEL_TAG=../up: use letters, digits")
     text = (REPO / "runs" / "speedrun_cpu.sh").read_text()
-    assert 'model_tag_setting "d$DEPTH"' in text and text.count('--model-tag "$MODEL_TAG"') == 5
+    assert 'model_tag_setting "d$DEPTH"' in text and text.count('--model-tag "$MODEL_TAG"') == 6
 
 
 def test_the_data_size_comes_from_base_trains_plan(tools):
