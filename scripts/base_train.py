@@ -174,6 +174,9 @@ class Evals:
         self.eval_steps = max(1, args.eval_tokens // (batch * model.config.sequence_len * info.world_size))
         self.token_bytes = tokenizer.token_bytes().to(device)
         self.bundle_dir = profile.eval_bundle_dir() if args.core_metric_every > 0 else None  # fail fast if missing
+        if self.bundle_dir is not None:
+            from nanopipe.core_eval import load_bundle
+            load_bundle(self.bundle_dir)  # every task file read and checked now, not hours in at the first CORE eval
         self.profile = profile
         self.master = info.rank == 0
         self.samples = []

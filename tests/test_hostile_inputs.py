@@ -316,7 +316,7 @@ def test_tokenizer_file_that_is_not_a_tokenizer(base, capsys):
     (lambda b: write(b / "core.yaml", BAD_UTF8), "core.yaml:1: not UTF-8"),
     (lambda b: write(b / "core.yaml", "icl_tasks: [unclosed\n"), "core.yaml: not valid YAML"),
     (lambda b: write(b / "eval_meta_data.csv", b"Eval Task,Random baseline\n" + BAD_UTF8), "eval_meta_data.csv:2"),
-    (lambda b: shutil.rmtree(b / "eval_data"), "none of the 5 task files"),
+    (lambda b: shutil.rmtree(b / "eval_data"), "task files named in"),
 ], ids=["yaml-latin1", "yaml-broken", "csv-latin1", "every-task-file-missing"])
 def test_bad_core_bundle(base, capsys, break_bundle, culprit):
     break_bundle(base / "data" / "synthetic" / "eval_bundle")
@@ -333,6 +333,14 @@ def test_bad_core_task_file(base, capsys, content, where):
         f.write(content)
     line = lines + int(where.split(":")[1])
     refuse(base_eval.main, ["--eval", "core", "--device", "cpu"], f"{task_file.name}:{line}", base.parent, capsys)
+
+
+def test_bad_core_task_file_is_found_before_pretraining(base, capsys):
+    task_file = first_core_task_file(base)
+    with open(task_file, "ab") as f:
+        f.write(b"{oops\n")
+    flags = [*TINY_BASE, "--core-metric-every", "100", "--model-tag", "with_core"]  # CORE would run at the end
+    refuse(base_train.main, flags, f"{task_file.name}:", base.parent, capsys)
 
 
 def test_text_file_to_evaluate_that_is_not_utf8(base, capsys):
