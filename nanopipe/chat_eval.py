@@ -10,11 +10,11 @@ ChatCORE = mean over tasks of the centered accuracy (acc - baseline) / (1 - base
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from nanopipe.common import get_dist_info, is_rank0
 from nanopipe.core_eval import centered
 from nanopipe.engine import TOOL_MARKS, Engine
+from nanopipe.progress import track
 from nanopipe.tokenizer import SPECIAL_TOKENS
 
 
@@ -39,7 +39,7 @@ def evaluate_categorical(model, tokenizer, task, batch_size: int = 8, max_proble
     indices = list(range(info.rank, n, info.world_size))
     correct = 0
     model.eval()
-    for start in tqdm(range(0, len(indices), batch_size), desc=task.name, leave=False, disable=not is_rank0()):
+    for start in track(range(0, len(indices), batch_size), task.name, unit="batches", leave=False, enabled=is_rank0()):
         items = [task[i] for i in indices[start:start + batch_size]]
         prompts = [_prompt(tokenizer, item) for item in items]
         longest = max(len(p) for p in prompts)
@@ -104,7 +104,7 @@ def evaluate_generative(model, tokenizer, task, num_samples: int = 1, max_new_to
     indices = list(range(info.rank, n, info.world_size))
     specials = {tokenizer.encode_special(name) for name in SPECIAL_TOKENS}
     correct = tool_calls = 0
-    for i in tqdm(indices, desc=task.name, leave=False, disable=not is_rank0()):
+    for i in track(indices, task.name, unit="problems", leave=False, enabled=is_rank0()):
         item = task[i]
         prompt = _prompt(tokenizer, item)
         max_tokens = max(1, min(max_new_tokens, model.config.sequence_len - len(prompt)))

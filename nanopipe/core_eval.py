@@ -40,10 +40,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from tqdm import tqdm
 
 from nanopipe.common import UserError, get_dist_info, iter_text_lines, read_text_file
 from nanopipe.gpt import KVCache
+from nanopipe.progress import Progress
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 BUCKET = 16               # prompts are padded to a multiple of this many tokens
@@ -372,10 +372,9 @@ def evaluate_task(model, tokenizer, task: CoreTask, device, max_per_task: int = 
     items = select_items(task.items, max_per_task)
     indices = range(info.rank, len(items), info.world_size)  # items strided over ranks
     sequences, plan = prepare_task(task, tokenizer, items, indices, max_seq_len)
-    progress = tqdm(total=len(sequences), desc=task.label, unit="prompt", leave=False,
-                    disable=not show_progress or info.rank != 0)
-    scores = score_task(model, sequences, plan, tokenizer.bos_token_id, device, batch_size, progress)
-    progress.close()
+    with Progress(len(sequences), task.label, unit="prompts", leave=False,
+                  enabled=show_progress and info.rank == 0) as progress:
+        scores = score_task(model, sequences, plan, tokenizer.bos_token_id, device, batch_size, progress)
     correct = 0
     for first, count, gold in plan:
         item_scores = scores[first:first + count]

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import requests
 import urllib3
-from tqdm import tqdm
 
 from nanopipe.common import file_sha256
+from nanopipe.progress import Progress
 
 # Statuses worth another try: the server is overloaded or hiccuped, not telling us the file is absent.
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
@@ -176,7 +176,7 @@ def download_file(url, dest, verify=None, retries=5, backoff=1.0, max_backoff=60
         backoff * 2**k seconds capped at max_backoff, or the server's Retry-After when it sends one
         (capped at MAX_RETRY_AFTER).
     max_corrupt: how many complete-but-unverifiable files to discard before giving up.
-    progress: callable(nbytes) fed as bytes arrive (download_many drives a tqdm bar with it).
+    progress: callable(nbytes) fed as bytes arrive (download_many drives its Progress with it).
     Raises DownloadError(url, reason) when the file cannot be had; a 404 is not retried.
     """
     dest = Path(dest)
@@ -394,8 +394,7 @@ def download_many(jobs, workers=4, show_progress=True, **kwargs):
     """
     jobs = list(jobs)
     summary = DownloadSummary()
-    bar = tqdm(total=None, unit="B", unit_scale=True, unit_divisor=1024, disable=not show_progress,
-               desc=f"0/{len(jobs)} files")
+    bar = Progress(None, f"0/{len(jobs)} files", enabled=show_progress, nbytes=True)
     lock = threading.Lock()
     stop = threading.Event()
     done = 0
@@ -433,7 +432,7 @@ def download_many(jobs, workers=4, show_progress=True, **kwargs):
         # transfer told to stop frees its worker, which would otherwise take the next queued file.
         pool.shutdown(wait=False, cancel_futures=True)
         stop.set()
-        bar.close()
+        bar.close(done=False)
         raise
     pool.shutdown()
     summary.seconds = time.perf_counter() - t0

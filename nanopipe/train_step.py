@@ -23,6 +23,7 @@ from tqdm import tqdm
 from nanopipe.common import _DTYPES as DTYPES
 from nanopipe.common import (DistInfo, UserError, autocast, autodetect_device, autodetect_dtype, format_duration,
                              init_distributed, seed_everything)
+from nanopipe.progress import interactive
 
 
 def training_dtype(device: str, bf16_supported: bool | None = None, requested: str | None = None) -> torch.dtype:
@@ -201,13 +202,14 @@ def format_step_line(step: int, total: int, fraction: float, fields: dict, eta_s
 
 
 class StepProgress:
-    """A tqdm bar on a terminal; one readable line per step when stdout is a file or a pipe (screen -L, tee).
-    `total` None: not known in advance (SFT by epochs); each step then passes its estimate."""
+    """A tqdm bar on a terminal; one readable line per step when stdout is a file or a pipe (screen -L, tee):
+    nanopipe.progress's rule, with a line every step because these lines are the training log. `total` None:
+    not known in advance (SFT by epochs); each step then passes its estimate."""
 
     def __init__(self, total: int | None, initial: int, desc: str, enabled: bool, stream=None):
         self.stream = stream or sys.stdout
         self.enabled = enabled
-        self.lines = enabled and not self.stream.isatty()
+        self.lines = enabled and not interactive(self.stream)
         self.known = total is not None
         self.total = total
         self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,

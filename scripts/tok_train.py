@@ -10,10 +10,10 @@ grows with --max-chars (the distinct text chunks counted), never with the size o
 
 import time
 
-from tqdm import tqdm
 
 from nanopipe import cli
 from nanopipe.common import UserError, get_base_dir, print0
+from nanopipe.progress import Progress
 from nanopipe.shards import iter_documents, list_shards
 from nanopipe.stage import Stage
 from nanopipe.tokenizer import DEFAULT_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
@@ -57,7 +57,7 @@ def main(argv=None):
         totals = {"docs": 0, "chars": 0, "bytes": 0}
         stats = {}
         start = time.perf_counter()
-        with tqdm(total=args.max_chars, unit="char", unit_scale=True, desc=f"reading {name}") as progress:
+        with Progress(args.max_chars, f"reading {name}", unit="chars") as progress:
             texts = training_texts(name, args.max_chars, args.doc_cap, totals, progress)
             try:
                 tokenizer = Tokenizer.train(texts, args.vocab_size, stats=stats)
