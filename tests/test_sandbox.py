@@ -709,7 +709,8 @@ def test_inner_layer_kills_the_process_group():
             "for _ in range(5):\n    pid = libc.fork()\n"
             "    if pid == 0:\n        time.sleep(60)\n        libc._exit(0)\n"
             "    print(pid, flush=True)\ntime.sleep(60)\n")
-    result = run_sandboxed(code, timeout_s=2.0, unsafe_exec=True)
+    # 5 s: on a busy machine the interpreter may need seconds to start and fork all five before the kill
+    result = run_sandboxed(code, timeout_s=5.0, unsafe_exec=True)
     assert result.timed_out
     pids = [int(line) for line in result.stdout.split()]
     assert len(pids) == 5
