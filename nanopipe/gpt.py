@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanopipe.gpt_layers import add_attention_projections, causal_attention, norm, project_qkv, shift_right
+
 LOGIT_SOFTCAP = 15.0
 
 
@@ -65,32 +67,6 @@ def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
     return math.ceil(vocab_size / multiple) * multiple
 
 
-class _LowPrecisionRMSNorm(torch.autograd.Function):
-    """RMSNorm of a bf16/fp16 x, computed in fp32, returned in x's dtype, saving x itself (not an fp32 copy of it,
-    which is what F.rms_norm's decomposition keeps for its backward) and the fp32 1/rms per row."""
-
-    @staticmethod
-    def forward(ctx, x):
-        xf = x.float()
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
-        ctx.save_for_backward(x, rstd)
-        return (xf * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, rstd = ctx.saved_tensors
-        y, g = x.float() * rstd, grad.float()
-        return (rstd * (g - y * (g * y).mean(-1, keepdim=True))).to(x.dtype)
-
-
-def norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm (no weight) in x's dtype. Under autocast F.rms_norm would upcast a bf16 x and return fp32, and in
-    any case keeps an fp32 copy of x for its backward; bf16 activations take the function above instead."""
-    if x.dtype in (torch.bfloat16, torch.float16):
-        return _LowPrecisionRMSNorm.apply(x)
-    return F.rms_norm(x, (x.size(-1),))
-
-
 def compute_dtype(device_type: str) -> torch.dtype | None:
     """The activation dtype autocast runs the matmuls in (None outside autocast)."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
@@ -104,14 +80,6 @@ def has_value_embedding(layer_idx: int, n_layer: int) -> bool:
 def backout_layer(n_layer: int) -> int:
     """The block whose output is backed out: the middle one."""
     return n_layer // 2
-
-
-def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + d/2) of x (B, T, H, D) by the per-position angle (half-split layout)."""
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
 class KVCache:
@@ -169,46 +137,23 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
-        kv_dim = self.n_kv_head * self.head_dim
-        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_k = nn.Linear(config.n_embd, kv_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.ve_gate_channels = min(config.ve_gate_channels, config.n_embd)
-        self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
-                        if has_value_embedding(layer_idx, config.n_layer) else None)
+        add_attention_projections(self, config.n_embd, config.n_head, config.n_kv_head, config.ve_gate_channels,
+                                  has_value_embedding(layer_idx, config.n_layer))
         # q·k is scaled by qk_scale² on top of 1/sqrt(d): the same logits as scaling q and k, without two passes
         self.attn_scale = config.qk_scale ** 2 / math.sqrt(self.head_dim)
 
     def forward(self, x, ve, cos, sin, kv_cache):
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if ve is not None:
-            # gate in (0, 3), about 1.5 at init (ve_gate starts small and positive)
-            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        # the value-embedding gate is in (0, 3), about 1.5 at init (ve_gate starts small and positive)
+        q, k, v = project_qkv(self, x, ve, cos, sin, ve_gate_scale=3)
         gqa, scale = self.n_head != self.n_kv_head, self.attn_scale
-        if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
+        past = 0
+        if kv_cache is not None:
             past = kv_cache.pos
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # the cache is in q's dtype (the engine's choice)
-            if past == 0:  # prefill from an empty cache: plain causal attention
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-            elif T == 1:  # one new token sees everything cached
-                y = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
-            else:  # a chunk after a prefix: query i sees keys up to past + i
-                mask = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        return self.c_proj(y)
+        y = causal_attention(q, k, v, past, scale, gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
@@ -334,13 +279,9 @@ class GPT(nn.Module):
         The first position of a sequence has no predecessor; with a cache, a chunk's first token takes the
         last cached token's embedding, so prefill + decode equals one full forward.
         """
-        if kv_cache is None or kv_cache.pos == 0:
-            first = torch.zeros_like(x[:, :1])
-        else:
-            first = kv_cache.prev_embedding.to(x.dtype)
+        prev = shift_right(x, None if kv_cache is None or kv_cache.pos == 0 else kv_cache.prev_embedding)
         if kv_cache is not None:
             kv_cache.prev_embedding = x[:, -1:]
-        prev = torch.cat([first, x[:, :-1]], dim=1)
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))
         return x + gate * prev
 

@@ -4,6 +4,7 @@
     <out>/generation_config.json       stops at <|assistant_end|> or <|bos|>, like nanopipe's engine
     <out>/model.safetensors            nanopipe's state_dict as it is (fp32)
     <out>/modeling_nanopipe.py         nanopipe/hf_modeling.py: the trust_remote_code module
+    <out>/gpt_layers.py                nanopipe/gpt_layers.py: the forward's pieces it shares with nanopipe's GPT
     <out>/tokenizer.json               nanopipe's BPE; special-token text is parsed as special tokens, and
                                        tokenizer(text) prepends <|bos|> as nanopipe does for documents
     <out>/tokenizer_config.json        special tokens and the chat template (nanopipe's rendering in Jinja)
@@ -28,6 +29,7 @@ from nanopipe.common import UserError, format_duration
 from nanopipe.tokenizer import SPECIAL_TOKENS
 
 MODULE_FILE = Path(__file__).with_name("hf_modeling.py")
+LAYERS_FILE = Path(__file__).with_name("gpt_layers.py")  # imported by the module as .gpt_layers
 # GPTConfig fields the module knows how to reproduce; a new field must be mapped in hf_config and hf_modeling
 KNOWN_CONFIG_FIELDS = {"sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "rope_base",
                        "qk_scale", "ve_gate_channels", "smear_gate_channels"}
@@ -199,6 +201,7 @@ def _write_folder(folder: Path, model, tokenizer, meta: dict, source: str, secti
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(MODULE_FILE, folder / "modeling_nanopipe.py")
+    shutil.copyfile(LAYERS_FILE, folder / LAYERS_FILE.name)
     tokenizer_json, tokenizer_config = tokenizer_files(tokenizer, model.config.sequence_len)
     (folder / "tokenizer.json").write_text(tokenizer_json)
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")

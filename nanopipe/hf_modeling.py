@@ -1,9 +1,10 @@
 """A nanopipe GPT as a Hugging Face `transformers` model (the trust_remote_code module of an exported folder).
 
-`python -m scripts.export` copies this file into the export as `modeling_nanopipe.py`; its config.json points
-AutoConfig and AutoModelForCausalLM here through `auto_map`. It depends on torch and transformers only (whoever
-loads the folder has no nanopipe), and computes exactly what nanopipe/gpt.py's forward computes: the export's
-round-trip test compares the two on real weights, so any difference fails it.
+`python -m scripts.export` copies this file into the export as `modeling_nanopipe.py`, with nanopipe/gpt_layers.py
+beside it (the attention's pieces both models use); its config.json points AutoConfig and AutoModelForCausalLM
+here through `auto_map`. It depends on torch, transformers and that file only (whoever loads the folder has no
+nanopipe), and computes exactly what nanopipe/gpt.py's forward computes: the export's round-trip test compares
+the two on real weights, so any difference fails it.
 
 Every architectural option is an explicit field of NanopipeConfig (no implicit defaults taken from nanopipe),
 and parameter names equal nanopipe's state_dict keys, so model.safetensors is nanopipe's weights as they are.
@@ -20,6 +21,9 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .gpt_layers import (add_attention_projections, causal_attention, norm,  # the file beside this one
+                         project_qkv, shift_right)
 
 # transformers 5 renamed the output's and generate()'s `past_key_values` to `cache`
 _CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -57,61 +61,29 @@ class NanopipeConfig(PretrainedConfig):
         return self.n_embd // self.n_head
 
 
-def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
-
-
-def apply_rotary_emb(x, cos, sin):
-    """Rotate channel pairs (i, i + d/2) of x (B, T, H, D) by the per-position angle (half-split layout)."""
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: NanopipeConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        kv_dim = self.n_kv_head * self.head_dim
-        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.c_k = nn.Linear(config.n_embd, kv_dim, bias=False)
-        self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.ve_gate_channels = min(config.ve_gate_channels, config.n_embd)
+        add_attention_projections(self, config.n_embd, config.n_head, config.n_kv_head, config.ve_gate_channels,
+                                  layer_idx in config.value_embedding_layers)
         self.ve_gate_scale = config.ve_gate_scale
-        self.ve_gate = (nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False)
-                        if layer_idx in config.value_embedding_layers else None)
         self.scale = config.qk_scale ** 2 / self.head_dim ** 0.5  # scaling q and k, folded into SDPA's scale
 
     def forward(self, x, ve, cos, sin, cache, mask):
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        if ve is not None:
-            gate = self.ve_gate_scale * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))
-            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q), norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k, v = project_qkv(self, x, ve, cos, sin, self.ve_gate_scale)
         past = 0
         if cache is not None:
             past = cache.get_seq_length(self.layer_idx)
             k, v = cache.update(k, v, self.layer_idx)
             k, v = k.to(q.dtype), v.to(q.dtype)
         gqa, scale = self.n_head != self.n_kv_head, self.scale
-        # the same three cases as nanopipe (so the same kernels run), plus an explicit mask for padding
+        # nanopipe's three cases (so the same kernels run), or an explicit mask for padding
         if mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        elif past == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-        elif T == 1:
-            y = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
         else:
-            causal = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal, scale=scale, enable_gqa=gqa)
+            y = causal_attention(q, k, v, past, scale, gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -181,13 +153,9 @@ class NanopipeForCausalLM(PreTrainedModel, GenerationMixin):
     def _smear(self, x, attention_mask, cache, past):
         """x_t += smear_lambda * sigmoid(w x_t[:n]) * x_{t-1}: the previous position's normalised embedding, none
         for a sequence's first token (position 0, or the first after left padding); the cache keeps the last one."""
-        if past == 0 or cache is None:
-            first = torch.zeros_like(x[:, :1])
-        else:
-            first = cache.nanopipe_prev_embedding.to(x.dtype)
+        prev = shift_right(x, None if past == 0 or cache is None else cache.nanopipe_prev_embedding)
         if cache is not None:
             cache.nanopipe_prev_embedding = x[:, -1:]
-        prev = torch.cat([first, x[:, :-1]], dim=1)
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
             T = x.size(1)
             keys = attention_mask[:, -(T + 1):].to(x.dtype) if attention_mask.size(1) > T else \

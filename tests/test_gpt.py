@@ -97,7 +97,7 @@ def test_init_follows_reference():
 
 def test_attention_scales_normalised_q_and_k_by_1_2():
     """The fused SDPA scale equals upstream's explicit q, k *= 1.2 after QK-norm, with RoPE base 100k."""
-    from nanopipe.gpt import apply_rotary_emb, norm
+    from nanopipe.gpt_layers import apply_rotary_emb, norm
     model = perturbed_model()
     attn = model.transformer.h[0].attn
     assert model.config.rope_base == 100_000 and model.config.qk_scale == 1.2
