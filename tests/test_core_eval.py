@@ -9,6 +9,7 @@ from nanopipe.common import UserError
 from nanopipe.core_eval import (centered, crop_left, evaluate_core, evaluate_task,
                                 fewshot_indices, find_spans, load_bundle, prepare_task, render_prompts,
                                 select_items)
+from tasks.world.core import CORE_TASKS
 from tasks.world.facts import sample_prompts
 from tests.conftest import noisy_gpt
 
@@ -348,7 +349,7 @@ def test_base_eval_script_end_to_end(tokenizer, tmp_path, isolated_dirs):
                     "--eval", "core,bpb,sample,text", "--text", str(text)])
     report = Path(os.environ["NANOPIPE_REPORT_DIR"]) / "sections" / "04-base_eval.json"
     data = json.loads(report.read_text())["data"]
-    assert data["core_tasks"] == data["core_tasks_total"] == len(data["tasks"]) == 5
+    assert data["core_tasks"] == data["core_tasks_total"] == len(data["tasks"]) == len(CORE_TASKS)
     assert all(t["n"] == 4 for t in data["tasks"].values())
     assert set(data["bpb"]) == {"train", "val"} and all(0 < v < 20 for v in data["bpb"].values())
     prompts = sample_prompts()  # the synthetic world's model is asked about its own world
