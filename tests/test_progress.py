@@ -32,7 +32,7 @@ LOOP = textwrap.dedent("""
 def run_to_file(argv, path, env):
     with open(path, "w") as f:  # as `> log 2>&1` does: neither stream is a terminal
         result = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=600)
-    text = path.read_text()
+    text = path.read_bytes().decode("utf-8")  # read_text() would turn a lone \r into \n
     assert result.returncode == 0, text[-3000:]
     assert "\r" not in text, repr(text[-2000:])
     return text
