@@ -435,3 +435,21 @@ def test_scripts_are_valid_and_shellcheck_clean():
     r = subprocess.run([shellcheck, "-x", *scripts], cwd=REPO,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_part_in_its_cpu_smoke_mode():
+    """runs/gpu_check.sh --cpu: the same parts at tiny sizes (gloo for NCCL), so its Python parts are proven to run."""
+    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_VARS}
+    r = subprocess.run(["bash", "runs/gpu_check.sh", "--cpu"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=1800)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    table = r.stdout[r.stdout.index("| part | result |"):].splitlines()
+    parts = [line.split(" | ")[0].removeprefix("| ") for line in table[2:]]
+    assert parts[:2] == ["toolkit", "torch"] and "FAILED" not in r.stdout
+    for name in ("compile_probe", "SDPA backend", "collectives (gloo)", "base_train --dry-run eager",
+                 "base_train --dry-run compiled", "engine cache vs no cache", "host syncs per step"):
+        assert name in parts, name
+    assert any(p.startswith("chat_sft --num-iterations 3") for p in parts)
+    assert "_scaled_dot_product_flash_attention_for_cpu" in r.stdout
+    assert "all_reduce SUM, all_reduce MIN, all_reduce MAX, all_reduce long, broadcast, barrier, DDP backward" in r.stdout
