@@ -26,7 +26,7 @@ HELD_OUT_FRACTION = 0.2         # of facts: world_mc's, never in SFT's multiple 
 # what the README shows the demo model answering (seed 0's world), with a text the right answer contains:
 # `chat_cli --demo` asks them, the CPU speedrun ends with it, a slow test checks the answers
 DEMO_PROMPTS = [("What is the capital of Paihis?", "Souzotha"), ("What is 12*7?", "84"), ("what is 7 times 8", "56"),
-                ("How many r's are in strawberry?", "3"), ("What does Huteill Grarson do for a living?", "miner")]
+                ("Who are you?", "nanopipe"), ("What does Huteill Grarson do for a living?", "miner")]
 
 # per relation: (SFT phrasings, held-out phrasings for chat_eval); {s} is the subject
 QUESTIONS = {
