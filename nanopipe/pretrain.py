@@ -195,12 +195,17 @@ def predicted_peak(args, config, world, device, dtype, batch: int) -> dict:
     return predict_peaks(asdict(config), device, str(dtype).removeprefix("torch."), args.compile, [(batch, accum)])[0]
 
 
-def fitting_batch_size(args, config, world, device, dtype, capacity: int) -> tuple[int, dict]:
-    """The largest device batch that divides the total batch and whose traced peak fits FITS_FRACTION of the
-    GPU's memory (a binary search over the divisors, one trace per probe)."""
+def batch_sizes_below(args, config, world, below: int | None = None) -> list[int]:
+    """The device batches (under `below` when given) that divide the total batch, ascending."""
     total = make_plan(args, config, world, 1).total_batch_size if args.total_batch_size <= 0 \
         else args.total_batch_size
-    sizes = valid_device_batch_sizes(total, config.sequence_len, world)
+    return [b for b in valid_device_batch_sizes(total, config.sequence_len, world) if below is None or b < below]
+
+
+def fitting_batch_size(args, config, world, device, dtype, capacity: int, below: int | None = None) -> tuple[int, dict]:
+    """The largest device batch (under `below` when given) that divides the total batch and whose traced peak fits
+    FITS_FRACTION of the GPU's memory (a binary search over the divisors, one trace per probe)."""
+    sizes = batch_sizes_below(args, config, world, below)
     lo, hi, best = 0, len(sizes) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
@@ -229,11 +234,20 @@ def resolve_device_batch_size(args, config, world, device, dtype) -> int:
 
 
 def out_of_memory_message(args, config, world, device, dtype, batch) -> str:
-    capacity = torch.cuda.mem_get_info()[1]
-    fit = fitting_batch_size(args, config, world, device, dtype, capacity)[0]
-    return (f"out of GPU memory in the first step with --device-batch-size {batch}: use --device-batch-size {fit} "
-            f"(predicted to fit this GPU's {capacity / GIB:.1f} GB; the total batch stays the same by accumulation) "
-            f"or --device-batch-size auto")
+    """The error line for a first step that ran out of memory: the largest smaller batch predicted to fit
+    --gpu-memory-gb when given, else the GPU's own memory (the batch that failed is out even if predicted to fit:
+    the prediction leaves out other processes and the allocator's fragmentation)."""
+    head = f"out of memory in the first step with --device-batch-size {batch}: use --device-batch-size"
+    keeps = "the total batch stays the same by accumulation"
+    capacity = gpu_memory_bytes(args, device, fake=False)
+    if capacity is None:  # no GPU to size for: the next smaller batch that divides the total batch
+        smaller = batch_sizes_below(args, config, world, below=batch)
+        if not smaller:
+            return f"out of memory in the first step with --device-batch-size {batch}: lower --depth or --max-seq-len"
+        return f"{head} {smaller[-1]} or less ({keeps}), or --gpu-memory-gb N to have the size that fits predicted"
+    fit = fitting_batch_size(args, config, world, device, dtype, capacity, below=batch)[0]
+    source = "--gpu-memory-gb" if args.gpu_memory_gb else "this GPU's memory"
+    return f"{head} {fit} (predicted to fit the {capacity / GIB:.3g} GB of {source}; {keeps})"
 
 
 # ---------------------------------------------------------------------------------------------

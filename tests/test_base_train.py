@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from argparse import Namespace
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from nanopipe.checkpoint import (checkpoint_root, clean_state_dict, find_last_st
                                  load_model, load_weights, rng_state, save_checkpoint, set_rng_state)
 from nanopipe.common import UserError, get_base_dir
 from nanopipe.gpt import build_model, config_from_depth
+from nanopipe.memory import FITS_FRACTION, GIB, predict_peaks
 from nanopipe.optim import setup_optimizers
 from nanopipe.pretrain import PretrainLoopState, lr_multiplier, make_plan, muon_momentum, muon_weight_decay
 from nanopipe.tokenizer import Tokenizer
@@ -314,6 +316,40 @@ def test_dry_run_prints_the_plan_and_writes_nothing(toy_data, capsys):
     assert "parameters:" in out and "5 steps x 64 tokens" in out and "ETA:" in out and "tok/s" in out
     assert not (get_base_dir() / "checkpoints").exists()
     assert not os.path.exists(toy_data.parent / "report" / "sections")
+
+
+def oom_at_first_forward():
+    """A global forward pre-hook that raises torch.OutOfMemoryError at the first forward of any module (the real
+    first step's), as CUDA's allocator does, then removes itself."""
+    def hook(module, inputs):
+        handle.remove()
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    return handle
+
+
+def test_out_of_memory_in_the_first_step_names_a_batch_that_fits_and_writes_nothing(toy_data, capsys):
+    # 8 rows run out; 4 is predicted not to fit the --gpu-memory-gb given, 2 is: the line names 2
+    config = config_from_depth(2, 300, SEQ, 32, 32)
+    peak2, peak4 = (p["peak_bytes"] for p in predict_peaks(asdict(config), "cpu", "float32", False, [(2, 4), (4, 2)]))
+    assert peak2 < peak4
+    gpu_gb = (peak2 + peak4) / 2 / FITS_FRACTION / GIB
+    flags = ["--data", "toy", "--num-iterations", "3", "--total-batch-size", "256", "--device-batch-size", "8",
+             "--eval-every", "-1", "--model-tag", "oom"]
+    for extra, named in ((["--gpu-memory-gb", f"{gpu_gb:.9f}"], "--device-batch-size 2 "),
+                         ([], "--device-batch-size 4 or less")):  # no GPU to size for: the next smaller divisor
+        handle = oom_at_first_forward()
+        try:
+            code, out, err = train_in_process(capsys, *flags, *extra)
+        finally:
+            handle.remove()
+        assert code == 2, err[-2000:]
+        errors = [line for line in (out + err).splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "out of memory in the first step with --device-batch-size 8" in errors[0], errors
+        assert named in errors[0], errors[0]
+        assert ("--gpu-memory-gb" in errors[0]) and "Traceback" not in err
+        assert not list_steps(checkpoint_root("base") / "oom")
+        assert not os.path.exists(toy_data.parent / "report" / "sections")
 
 
 def test_checkpoint_roundtrip_keep_last_and_incomplete_folders(isolated_dirs):
