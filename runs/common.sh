@@ -74,7 +74,8 @@ model_tag_setting() {  # model_tag_setting DEFAULT: MODEL_TAG, as every run scri
 
 shards_from_plan() {  # NUM_SHARDS (unless set): what the token budget base_train plans for these settings needs
     local out plan tokens new_base=0 rc=0
-    command -v "$PY" >/dev/null || die "no python at $PY: run \`bash runs/setup.sh\` (or activate your virtualenv) first"
+    command -v "$PY" >/dev/null \
+        || die "no python at $PY: run \`bash runs/setup.sh\` (or activate your virtualenv) first"
     # the plan alone, on meta tensors (seconds, no GPU); a batch that does not divide the total batch stops here
     # with base_train's own message. Its tokenizer lookup creates the base dir, which a first run removes again
     if [ ! -d "$NANOPIPE_BASE_DIR" ]; then new_base=1; fi
@@ -95,10 +96,13 @@ print(p["num_iterations"] * p["total_batch_size"])') || die "base_train --dry-ru
 
 list_gpus() {  # set gpus to nvidia-smi's GPU names, one a line; stop with directions when there is none
     command -v nvidia-smi >/dev/null \
-        || die "no nvidia-smi on PATH: this script trains on an NVIDIA GPU and none is visible; install the NVIDIA driver, or run \`bash runs/speedrun_cpu.sh\` for the CPU demo (NANOPIPE_SKIP_GPU_CHECK=1 skips this check)"
+        || die "no nvidia-smi on PATH: this script trains on an NVIDIA GPU and none is visible; install the NVIDIA" \
+               "driver, or run \`bash runs/speedrun_cpu.sh\` for the CPU demo" \
+               "(NANOPIPE_SKIP_GPU_CHECK=1 skips this check)"
     if ! gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>&1) || [ -z "$gpus" ]; then
         local first_line=${gpus%%$'\n'*}
-        die "nvidia-smi sees no GPU (${first_line:-it lists none}): check the driver with \`nvidia-smi\`, or run \`bash runs/speedrun_cpu.sh\` for the CPU demo (NANOPIPE_SKIP_GPU_CHECK=1 skips this check)"
+        die "nvidia-smi sees no GPU (${first_line:-it lists none}): check the driver with \`nvidia-smi\`, or run" \
+            "\`bash runs/speedrun_cpu.sh\` for the CPU demo (NANOPIPE_SKIP_GPU_CHECK=1 skips this check)"
     fi
 }
 
@@ -131,7 +135,10 @@ find_cuda_toolkit() {  # CUDA_TOOLKIT: the first CUDA >= 13 toolkit of $CUDA_HOM
 
 need_cuda13_for_compile() {  # on a GB10 (sm_121) Triton's bundled ptxas cannot build kernels: CUDA 13's must
     if [ "$COMPILE" = "0" ] || [ -n "$CUDA_TOOLKIT" ]; then return 0; fi
-    die "no CUDA >= 13 toolkit in \$CUDA_HOME, ${CUDA_PREFIX:-/usr/local}/cuda or ${CUDA_PREFIX:-/usr/local}/cuda-13.*${CUDA_TOOLKITS_SEEN:+ (found only $CUDA_TOOLKITS_SEEN)}: torch.compile on the GB10 (sm_121) needs CUDA 13's ptxas; install the CUDA 13 toolkit and set CUDA_HOME to it (e.g. CUDA_HOME=/usr/local/cuda-13.0), or set COMPILE=0 to train without torch.compile (about 2x slower)"
+    die "no CUDA >= 13 toolkit in \$CUDA_HOME, ${CUDA_PREFIX:-/usr/local}/cuda or" \
+        "${CUDA_PREFIX:-/usr/local}/cuda-13.*${CUDA_TOOLKITS_SEEN:+ (found only $CUDA_TOOLKITS_SEEN)}: torch.compile" \
+        "on the GB10 (sm_121) needs CUDA 13's ptxas; install the CUDA 13 toolkit and set CUDA_HOME to it" \
+        "(e.g. CUDA_HOME=/usr/local/cuda-13.0), or set COMPILE=0 to train without torch.compile (about 2x slower)"
 }
 
 compile_setting() {  # COMPILE: 1 (the default) or 0; checked
@@ -147,7 +154,9 @@ compile_probe() {  # with COMPILE=1: a tiny torch.compile on the training device
     if [ "${DRY_RUN:-0}" = "1" ]; then return 0; fi
     if ! out=$(timeout "${COMPILE_PROBE_TIMEOUT:-600}" "${cmd[@]}" 2>&1); then
         cause=$(printf '%s\n' "$out" | sed -n 's/^compile probe: failed: //p' | tail -n 1)
-        die "torch.compile cannot build kernels here (${cause:-the probe timed out or crashed}): point CUDA_HOME at a CUDA >= 13 toolkit (its ptxas; \`bash runs/setup.sh\` installs a missing Triton), or set COMPILE=0 to train without torch.compile (about 2x slower)"
+        die "torch.compile cannot build kernels here (${cause:-the probe timed out or crashed}): point CUDA_HOME at a" \
+            "CUDA >= 13 toolkit (its ptxas; \`bash runs/setup.sh\` installs a missing Triton), or set COMPILE=0 to" \
+            "train without torch.compile (about 2x slower)"
     fi
     echo "$out"
 }
@@ -162,7 +171,9 @@ check_disk() {  # check_disk GB: room for the missing FineWeb-Edu shards (~100 M
     while [ ! -d "$disk_dir" ]; do disk_dir=$(dirname "$disk_dir"); done
     free_gb=$(( $(df -Pk "$disk_dir" | awk 'NR == 2 {print $4}') / 1024 / 1024 ))
     [ "$free_gb" -ge "$need_gb" ] \
-        || die "not enough disk: $NUM_SHARDS FineWeb-Edu shards ($shards_present present) and checkpoints need ~$need_gb GB in $NANOPIPE_BASE_DIR, $disk_dir has $free_gb GB free; free some space, point NANOPIPE_BASE_DIR at a bigger disk, or lower NUM_SHARDS"
+        || die "not enough disk: $NUM_SHARDS FineWeb-Edu shards ($shards_present present) and checkpoints need" \
+               "~$need_gb GB in $NANOPIPE_BASE_DIR, $disk_dir has $free_gb GB free; free some space, point" \
+               "NANOPIPE_BASE_DIR at a bigger disk, or lower NUM_SHARDS"
 }
 
 setup_python() {  # setup_python WHEEL_INDEX: runs/setup.sh, then check that $PY's torch sees the GPU
@@ -174,10 +185,14 @@ setup_python() {  # setup_python WHEEL_INDEX: runs/setup.sh, then check that $PY
         bash runs/setup.sh
     fi
     if [ "${DRY_RUN:-0}" = "1" ]; then return 0; fi
-    command -v "$PY" >/dev/null || die "no python at $PY: run \`bash runs/setup.sh\` (or activate your virtualenv) first"
-    if [ "${NANOPIPE_SKIP_GPU_CHECK:-0}" != "1" ]; then
-        "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' \
-            || die "the torch in $PY cannot use the GPU ($("$PY" -c 'import torch; print("torch", torch.__version__, "built for CUDA", torch.version.cuda)')): reinstall it with \`$PY -m pip install --force-reinstall torch --index-url $1\`"
+    command -v "$PY" >/dev/null \
+        || die "no python at $PY: run \`bash runs/setup.sh\` (or activate your virtualenv) first"
+    if [ "${NANOPIPE_SKIP_GPU_CHECK:-0}" != "1" ] \
+        && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+        local built
+        built=$("$PY" -c 'import torch; print("torch", torch.__version__, "built for CUDA", torch.version.cuda)')
+        die "the torch in $PY cannot use the GPU ($built): reinstall it with" \
+            "\`$PY -m pip install --force-reinstall torch --index-url $1\`"
     fi
 }
 
@@ -187,7 +202,8 @@ lock_base_dir() {  # one run per base dir at a time (nothing to lock in a dry ru
     # the lock is inherited by the background download, so a rerun cannot start a second download of the
     # same shards while an orphaned one is still going
     exec 9>"$NANOPIPE_BASE_DIR/runs/.lock"
-    flock -n 9 || die "another speedrun (or its background download) is using $NANOPIPE_BASE_DIR: wait for it or stop it"
+    flock -n 9 \
+        || die "another speedrun (or its background download) is using $NANOPIPE_BASE_DIR: wait for it or stop it"
 }
 
 data_and_tokenizer_steps() {  # FineWeb-Edu, the tokenizer, the CORE bundle, the chat data: data_head ... chat_data
@@ -212,7 +228,12 @@ data_and_tokenizer_steps() {  # FineWeb-Edu, the tokenizer, the CORE bundle, the
     fi
 }
 
-stop_download() { if [ -n "${data_pid:-}" ]; then pkill -P "$data_pid" 2>/dev/null || true; kill "$data_pid" 2>/dev/null || true; fi; }
+stop_download() {
+    if [ -n "${data_pid:-}" ]; then
+        pkill -P "$data_pid" 2>/dev/null || true
+        kill "$data_pid" 2>/dev/null || true
+    fi
+}
 
 finish_run() {  # the report (rebuilt on every run, so it always shows the sections present), then where things are
     local report_cmd=("$PY" -m nanopipe.report generate --dollars-per-hour "$DOLLARS_PER_HOUR") outcome

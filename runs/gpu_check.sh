@@ -27,16 +27,20 @@ else
     t_short=60 t_long=150
 fi
 part() {  # part NAME SECONDS command...: run it under its timeout; its `| ... |` lines go to the table
-    local name=$1 seconds=$2 out rc=0; shift 2
+    local name=$1 seconds=$2 out last rc=0; shift 2
     echo "== $name (timeout ${seconds}s): $*" >&2
     out=$(timeout "$seconds" "$@" 2>"$work/$name.err") || rc=$?
     if [ "$rc" = "0" ]; then
         while IFS= read -r line; do
-            case "$line" in '| '*) rows+=("$line") ;; 'compile probe: '*) rows+=("| $name | ${line#compile probe: } |") ;; esac
+            case "$line" in
+                '| '*) rows+=("$line") ;;
+                'compile probe: '*) rows+=("| $name | ${line#compile probe: } |") ;;
+            esac
         done <<< "$out"
     else
         failed=1
-        rows+=("| $name | FAILED (exit $rc$([ "$rc" = 124 ] && echo ", timed out")): $(grep -v '^\s*$' "$work/$name.err" | tail -n 1 | cut -c1-200) |")
+        last=$(grep -v '^\s*$' "$work/$name.err" | tail -n 1 | cut -c1-200)
+        rows+=("| $name | FAILED (exit $rc$([ "$rc" = 124 ] && echo ", timed out")): $last |")
     fi
 }
 

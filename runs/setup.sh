@@ -35,7 +35,8 @@ if ! $PY -c 'import torch' 2>/dev/null; then
         # configured sources (a local wheel in find-links, dependencies from the usual index), then PyTorch's.
         want="torch==${NANOPIPE_TORCH_VERSION:-2.13.0}+cpu"
         $PY -m pip install -q "$want" 2>/dev/null \
-            || $PY -m pip install "$want" --extra-index-url "${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+            || $PY -m pip install "$want" \
+                   --extra-index-url "${NANOPIPE_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
     fi
 fi
 
@@ -49,11 +50,13 @@ print(next((r for r in reqs if re.match(r"(pytorch-)?triton\b", r)), "triton"))'
     $PY -m pip install "$triton" --extra-index-url "$index"
 fi
 
-if ! $PY -m pip show -q nanopipe >/dev/null 2>&1 || ! $PY -c 'import pytest, hypothesis, transformers, safetensors, fastapi, uvicorn, playwright' 2>/dev/null; then
+if ! $PY -m pip show -q nanopipe >/dev/null 2>&1 \
+    || ! $PY -c 'import pytest, hypothesis, transformers, safetensors, fastapi, uvicorn, playwright' 2>/dev/null; then
     $PY -m pip install -q -e '.[dev]'
 fi
 if [ "$(uname -s)" = "Linux" ] && ! command -v bwrap >/dev/null 2>&1; then
     echo "setup: note: HumanEval's code sandbox needs bubblewrap: sudo apt-get install bubblewrap" \
          "(without it chat_eval refuses HumanEval unless --unsafe-exec)"
 fi
-$PY -c 'import platform, torch; print("setup: ok: python", platform.python_version(), "torch", torch.__version__, "cuda", torch.cuda.is_available())'
+$PY -c 'import platform, torch
+print("setup: ok: python", platform.python_version(), "torch", torch.__version__, "cuda", torch.cuda.is_available())'

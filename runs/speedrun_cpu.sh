@@ -49,14 +49,14 @@ step base_train  "$PY" -m scripts.base_train --depth "$DEPTH" --head-dim 64 --ma
                      --warmup-ratio 0.02 --warmdown-ratio 0.4 --eval-every 50 --eval-tokens 65536 \
                      --save-every "$SAVE_EVERY" --sample-every -1 --core-metric-every -1 \
                      --model-tag "$MODEL_TAG" --resume
-step base_eval   "$PY" -m scripts.base_eval --device-batch-size 16 --split-tokens 65536 \
+step base_eval   "$PY" -m scripts.base_eval --device-batch-size 16 --eval-tokens 65536 \
                      --max-per-task "$CORE_MAX_PER_TASK" --model-tag "$MODEL_TAG"
 step chat_sft    "$PY" -m scripts.chat_sft --num-iterations "$SFT_STEPS" --device-batch-size 8 \
                      --eval-every 50 --val-conversations 200 --save-every "$SAVE_EVERY" \
                      --model-tag "$MODEL_TAG" --resume
-step chat_eval_base "$PY" -m scripts.chat_eval -i base --max-problems "$CHAT_EVAL_PROBLEMS" --max-new-tokens 64 \
+step chat_eval_base "$PY" -m scripts.chat_eval -i base --max-per-task "$CHAT_EVAL_PROBLEMS" --max-new-tokens 64 \
                      --model-tag "$MODEL_TAG"
-step chat_eval   "$PY" -m scripts.chat_eval -i sft --max-problems "$CHAT_EVAL_PROBLEMS" --max-new-tokens 64 \
+step chat_eval   "$PY" -m scripts.chat_eval -i sft --max-per-task "$CHAT_EVAL_PROBLEMS" --max-new-tokens 64 \
                      --tool-ablation --model-tag "$MODEL_TAG"
 "$PY" -m nanopipe.report generate --dollars-per-hour "$DOLLARS_PER_HOUR"
 

@@ -70,7 +70,8 @@ if [ "${NANOPIPE_SKIP_GPU_CHECK:-0}" != "1" ]; then
         *GB10*) ;;
         *) warn "this script's settings are tuned for a DGX Spark (GB10); for other GPUs see runs/speedrun_gpu.sh" ;;
     esac
-    [ "$(echo "$gpus" | wc -l)" -eq 1 ] || warn "$(echo "$gpus" | wc -l) GPUs visible: this script uses one (runs/speedrun_gpu.sh uses all)"
+    [ "$(echo "$gpus" | wc -l)" -eq 1 ] || warn "$(echo "$gpus" | wc -l) GPUs visible: this script uses one" \
+                                                "(runs/speedrun_gpu.sh uses all)"
 fi
 
 # Triton's bundled ptxas does not know sm_121a: torch.compile needs the CUDA 13 toolkit's (REFERENCE §1.7)
@@ -89,7 +90,8 @@ compile_probe
 lock_base_dir
 start_run "dgx_spark_$MODEL_TAG" "$MODEL_TAG"
 
-train_flags=(--depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size "$DEVICE_BATCH_SIZE" --model-tag "$MODEL_TAG")
+train_flags=(--depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size "$DEVICE_BATCH_SIZE"
+             --model-tag "$MODEL_TAG")
 if [ "$COMPILE" = "1" ]; then train_flags+=(--compile); fi
 wandb_flag=()
 if [ -n "${WANDB_RUN:-}" ]; then wandb_flag=(--wandb "$WANDB_RUN"); fi

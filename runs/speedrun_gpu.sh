@@ -55,7 +55,9 @@ if [ "${NANOPIPE_SKIP_GPU_CHECK:-0}" != "1" ]; then
     list_gpus
     gpu_count=$(echo "$gpus" | wc -l)
     echo "GPUs: $gpu_count x $(echo "$gpus" | head -n 1)"
-    case "$gpus" in *GB10*) warn "a DGX Spark: runs/speedrun_dgx_spark.sh has the settings (and CUDA 13 set-up) for it" ;; esac
+    case "$gpus" in
+        *GB10*) warn "a DGX Spark: runs/speedrun_dgx_spark.sh has the settings (and CUDA 13 set-up) for it" ;;
+    esac
     # the newest wheel index this driver can run (cu130 needs a CUDA 13 driver)
     read -r cuda_major cuda_minor < <(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9]*\)\.\([0-9]*\).*/\1 \2/p') || true
     if [ -z "${NANOPIPE_TORCH_INDEX:-}" ] && [ -n "${cuda_minor:-}" ]; then
@@ -63,7 +65,8 @@ if [ "${NANOPIPE_SKIP_GPU_CHECK:-0}" != "1" ]; then
         if [ "$driver_cuda" -ge 1300 ]; then wheels=cu130
         elif [ "$driver_cuda" -ge 1208 ]; then wheels=cu128
         elif [ "$driver_cuda" -ge 1206 ]; then wheels=cu126
-        else die "the NVIDIA driver supports CUDA $cuda_major.$cuda_minor only, PyTorch's wheels need 12.6 or newer: update the driver"
+        else die "the NVIDIA driver supports CUDA $cuda_major.$cuda_minor only, PyTorch's wheels need 12.6 or newer:" \
+                 "update the driver"
         fi
         export NANOPIPE_TORCH_INDEX="https://download.pytorch.org/whl/$wheels"
     fi
@@ -92,12 +95,14 @@ lock_base_dir
 start_run "gpu_$MODEL_TAG" "$MODEL_TAG"
 
 torchrun=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")  # = torchrun, from this venv
-train_flags=(--depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size "$DEVICE_BATCH_SIZE" --model-tag "$MODEL_TAG")
+train_flags=(--depth "$DEPTH" --max-seq-len "$SEQ_LEN" --device-batch-size "$DEVICE_BATCH_SIZE"
+             --model-tag "$MODEL_TAG")
 if [ "$COMPILE" = "1" ]; then train_flags+=(--compile); fi
 wandb_flag=()
 if [ -n "${WANDB_RUN:-}" ]; then wandb_flag=(--wandb "$WANDB_RUN"); fi
 
-echo "== settings: $NPROC GPU process(es), depth $DEPTH (tag $MODEL_TAG), seq $SEQ_LEN, $DEVICE_BATCH_SIZE rows per micro-batch per GPU, $NUM_SHARDS FineWeb-Edu shards, base dir $NANOPIPE_BASE_DIR"
+echo "== settings: $NPROC GPU process(es), depth $DEPTH (tag $MODEL_TAG), seq $SEQ_LEN, $DEVICE_BATCH_SIZE rows" \
+     "per micro-batch per GPU, $NUM_SHARDS FineWeb-Edu shards, base dir $NANOPIPE_BASE_DIR"
 # a few timed micro-batches: parameters, tokens, FLOPs, tok/s, MFU, memory, ETA; also fails fast on a bad
 # DEVICE_BATCH_SIZE/NPROC combination, an out-of-memory batch or a broken torch.compile, before any download
 step plan "${torchrun[@]}" -m scripts.base_train "${train_flags[@]}" --dry-run

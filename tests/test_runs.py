@@ -2,12 +2,14 @@
 and the background download. GPU/network steps are only printed (DRY_RUN=1) except in the one test that runs
 the real download step against a loopback server; nvidia-smi and ptxas are small stand-in programs."""
 
+import contextlib
 import fcntl
 import hashlib
 import http.server
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -453,3 +455,38 @@ def test_gpu_check_runs_every_part_in_its_cpu_smoke_mode():
     assert any(p.startswith("chat_sft --num-iterations 3") for p in parts)
     assert "_scaled_dot_product_flash_attention_for_cpu" in r.stdout
     assert "all_reduce SUM, all_reduce MIN, all_reduce MAX, all_reduce long, broadcast, barrier, DDP backward" in r.stdout
+
+
+def stage_commands(text: str) -> list[tuple[str, str | None, list[str]]]:
+    """(script, subcommand, --flags) of every `-m scripts.X ...` in a script's text or dry-run output."""
+    text = re.sub(r"\\\n\s*", " ", text)  # continuation lines joined
+    found = []
+    for m in re.finditer(r"-m scripts\.(\w+)(?: ([a-z][a-z-]*))?([^\n|;)&]*)", text):
+        found.append((m[1], m[2], re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", m[3])))
+    return found
+
+
+def test_the_scripts_pass_only_the_flags_each_stage_lists_and_keep_to_120_columns(tools):
+    # a hidden old spelling still parses, so only the stage's --help (which leaves them out) can tell
+    import importlib
+    listed = {}
+
+    def help_flags(script, sub):
+        if (script, sub) not in listed:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+                module = importlib.import_module(f"scripts.{script}")
+                (module.parse_args if hasattr(module, "parse_args") else module.main)([*filter(None, [sub]), "--help"])
+            listed[script, sub] = set(re.findall(r"--[a-z][a-z0-9-]*", out.getvalue()))
+        return listed[script, sub]
+
+    texts = {p.name: p.read_text() for p in (REPO / "runs").glob("*.sh")}
+    texts.update({f"{p.name} (dry run)": run(p, tools).stdout for p in (SPARK, GPU)})
+    commands = [(name, c) for name, text in texts.items() for c in stage_commands(text)]
+    assert {"base_eval", "chat_eval", "base_train", "chat_sft"} <= {c[0] for _, c in commands}
+    for name, (script, sub, flags) in commands:
+        unknown = set(flags) - help_flags(script, sub)
+        assert not unknown, f"{name}: scripts.{script} {sub or ''} gets {sorted(unknown)}, which --help does not list"
+    long = [f"{name}:{i}" for name, text in texts.items() if "dry run" not in name
+            for i, line in enumerate(text.splitlines(), 1) if len(line) > 120]
+    assert not long, long
