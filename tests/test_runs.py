@@ -454,7 +454,8 @@ def test_gpu_check_runs_every_part_in_its_cpu_smoke_mode():
         assert name in parts, name
     assert any(p.startswith("chat_sft --num-iterations 3") for p in parts)
     assert "_scaled_dot_product_flash_attention_for_cpu" in r.stdout
-    assert "all_reduce SUM, all_reduce MIN, all_reduce MAX, all_reduce long, broadcast, barrier, DDP backward" in r.stdout
+    assert ("all_reduce SUM, all_reduce MIN, all_reduce MAX, all_reduce long, broadcast, barrier, DDP backward"
+            in r.stdout)
 
 
 def stage_commands(text: str) -> list[tuple[str, str | None, list[str]]]:
