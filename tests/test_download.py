@@ -379,15 +379,23 @@ def test_ctrl_c_stops_download_many_promptly(server, tmp_path):
     jobs = [DownloadJob(server.url(f"/f{i}"), tmp_path / f"f{i}") for i in range(3)]
     sent = []
 
+    main = threading.main_thread().ident
+
     def ctrl_c():  # a real Ctrl-C, once the first transfer is under way (however slowly this machine got there)
         if server.first_get.wait(60):
             sent.append(time.monotonic())
-            os.kill(os.getpid(), signal.SIGINT)
+            # to the main thread, where Python runs signal handlers (it waits in download_many)
+            signal.pthread_kill(main, signal.SIGINT)
 
+    # Python's own Ctrl-C handler, whatever an earlier test or library in this process left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threads_before = set(threading.enumerate())
     threading.Thread(target=ctrl_c, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        download_many(jobs, workers=1, show_progress=False, **FAST)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            download_many(jobs, workers=1, show_progress=False, **FAST)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert sent and time.monotonic() - sent[0] < 3  # the slow transfer alone takes ~7 s
     for thread in set(threading.enumerate()) - threads_before:  # the running transfer unwinds at its next chunk
         if thread.name.startswith("ThreadPoolExecutor"):
