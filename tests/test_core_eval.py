@@ -235,7 +235,9 @@ def test_batch_size_does_not_change_results(tokenizer, tmp_path):
         sequences, _ = prepare_task(task, tokenizer, data, range(len(data)), 64)
         one = score_sequences(model, sequences, tokenizer.bos_token_id, "cpu", batch_size=1)
         many = score_sequences(model, sequences, tokenizer.bos_token_id, "cpu", batch_size=7)
-        assert one == many                                  # bitwise: mean losses and argmax outcomes
+        # the kernels picked for a batch's shape may move a loss's last bits, never an outcome
+        assert [outcome for _, outcome in one] == [outcome for _, outcome in many]
+        assert [loss for loss, _ in one] == pytest.approx([loss for loss, _ in many], rel=1e-6)
         assert evaluate_task(model, tokenizer, task, "cpu", batch_size=1, max_seq_len=64) == \
             evaluate_task(model, tokenizer, task, "cpu", batch_size=64, max_seq_len=64)
 
