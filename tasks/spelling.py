@@ -3,8 +3,14 @@ Spelling tasks (nanochat's SimpleSpelling and SpellingBee) over a word list.
 
 A tokenizer hides letters inside tokens, so a small model cannot see how a word is spelled. SimpleSpelling
 teaches it to spell words out (`apple:a,p,p,l,e`); SpellingBee asks how often a letter occurs and answers by
-spelling the word, then checking with the calculator tool (`'apple'.count('p')`), ending GSM8K-style with
+spelling the word, then counting with the calculator tool (`' apple'.count('p')`), ending GSM8K-style with
 `#### 2`. SpellingBee is generative: a completion passes if its last number is the count.
+
+The counting reply writes the word as a question usually does, after a space, inside the call's quotes too:
+a BPE tokenizer cuts `' apple'` into the same tokens as ` apple` in "how many p in apple", but `'apple'` into
+others (at vocab 2048: ` st|rawberry` against `'s|t|rawberry`), and a small model copying a word into the
+call then has to re-spell it in other tokens, which it gets wrong (it wrote 'star' for 'strawberry'). The
+space changes no letter count.
 
 Words come from a one-word-per-line file (nanochat uses dwyl's words_alpha.txt), by default
 <base>/chat_data/words/words_alpha.txt, or from a list passed in. Examples are drawn with a per-index
@@ -41,16 +47,17 @@ def simple_spelling_conversation(word: str, rng: random.Random) -> dict:
 def spelling_bee_conversation(word: str, letter: str, rng: random.Random, prompts=COUNT_PROMPTS,
                               answer_line: bool = True) -> dict:
     """Count `letter` in `word`: spell it out, call the tool, answer in a sentence and (`answer_line`, nanochat's
-    format) `#### n`. The question is one of `prompts`. Carries `answer` (int)."""
-    expr = f"'{word}'.count('{letter}')"
+    format) `#### n`. The question is one of `prompts`. Carries `answer` (int). The sentences are the ones the
+    synthetic world's spelling practice pretrains on ("The word apple is spelled a,p,p,l,e.")."""
+    expr = f"' {word}'.count('{letter}')"  # the space: see the module docstring
     count = calculate(expr)  # exactly what the engine will inject at inference time
     times = "time" if count == "1" else "times"
     reply = [
-        {"type": "text", "text": f"Let me spell '{word}' first: {spell(word)}.\n"
-                                 f"Now I count the letter '{letter}' with Python.\n\n"},
+        {"type": "text", "text": f"The word {word} is spelled {spell(word)}.\n"
+                                 f"I count the letter {letter} with Python.\n\n"},
         {"type": "python", "text": expr},
         {"type": "python_output", "text": count},
-        {"type": "text", "text": f"\n\nThe letter '{letter}' appears {count} {times} in '{word}'."
+        {"type": "text", "text": f"\n\nThe letter {letter} appears {count} {times} in {word}."
                                  + (f"\n\n#### {count}" if answer_line else "")},
     ]
     prompt = rng.choice(prompts).format(word=word, letter=letter)

@@ -259,7 +259,7 @@ def test_tool_calls_compute_the_right_outputs_and_answers(extras):
                     if re.fullmatch(r"[\d+\-*/]+", expr):
                         expected = eval(expr)  # digits and operators only, checked just above
                     else:
-                        word, letter = re.fullmatch(r"'([a-z]+)'\.count\('([a-z])'\)", expr).groups()
+                        word, letter = re.fullmatch(r"' ([a-z]+)'\.count\('([a-z])'\)", expr).groups()
                         expected = word.count(letter)
                     assert float(output["text"]) == expected, expr
                     results.append(output["text"])

@@ -265,8 +265,9 @@ def test_spelling_tasks(isolated_dirs):
     for item in bee:
         check_conversation(item)
         call, output = item["messages"][1]["content"][1:3]
-        word, letter = call["text"].split("'")[1], call["text"].split("'")[3]
-        assert call["text"] == f"'{word}'.count('{letter}')" and int(output["text"]) == word.count(letter)
+        word, letter = call["text"].split("'")[1].strip(), call["text"].split("'")[3]
+        assert call["text"] == f"' {word}'.count('{letter}')" and int(output["text"]) == word.count(letter)
+        assert item["messages"][1]["content"][0]["text"].startswith(f"The word {word} is spelled {','.join(word)}.")
         assert item["answer"] == word.count(letter)
         assert bee.evaluate(item, reply_text(item))
         assert not bee.evaluate(item, f"It appears {item['answer'] + 1} times.")

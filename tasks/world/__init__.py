@@ -45,7 +45,7 @@ The world is rendered four ways:
    and animals the world does not contain; multiple choice in nanochat's render_mc format (reply = the
    letter); sums in symbols and words ("12*7", "what is 12 times 7") and word problems, solved with
    calculator calls (parts: text "12 * 7 = ", {"type": "python", "text": "12*7"}, {"type": "python_output",
-   "text": "84"}, text "84."); letter counting with a `'word'.count('x')` call; spelling a word out; and
+   "text": "84"}, text "84."); letter counting with a `' word'.count('x')` call; spelling a word out; and
    identity ("I am nanopipe ..."). Replies are plain sentences, with no `#### n` line.
 
 4. Chat-eval tasks, `chat/eval_<task>.jsonl`, one item per line, none of whose questions is in the SFT
