@@ -69,6 +69,17 @@ def min_over_ranks(value: float, device) -> float:
     return t.item()
 
 
+def out_of_memory_message(batch: int, seq_len: int, world: int, total_batch: int) -> str:
+    """The error line for a first SFT step that ran out of memory: the next smaller device batch whose micro-batches
+    still add up to this total batch (the trained rows per step stay the same)."""
+    head = f"out of memory in the first step with --device-batch-size {batch}"
+    smaller = [b for b in range(batch - 1, 0, -1) if total_batch % (b * seq_len * world) == 0]
+    if not smaller:
+        return f"{head}: lower --max-seq-len"
+    return (f"{head}: use --device-batch-size {smaller[0]} or less with --total-batch-size {total_batch} "
+            "(the total batch stays the same by accumulation)")
+
+
 @dataclass
 class SFTReport:
     """chat_sft's report data (its section's json `data`; report.md's summary reads it)."""

@@ -16,11 +16,14 @@ decay. Checkpoints go to checkpoints/sft/<tag>/.
 import argparse
 from dataclasses import asdict
 
+import torch
+
 from nanopipe import cli
 from nanopipe.checkpoint import checkpoint_root, load_model, rng_state, save_checkpoint
 from nanopipe.common import UserError, cleanup_distributed, get_base_dir, peak_flops, print0
 from nanopipe.optim import setup_optimizers
-from nanopipe.sft import SFTLoopState, SFTReport, apply_schedules, min_over_ranks, val_loss
+from nanopipe.sft import (SFTLoopState, SFTReport, apply_schedules, min_over_ranks, out_of_memory_message,
+                          val_loss)
 from nanopipe.sft_data import SFTLoader
 from nanopipe.stage import Stage
 from nanopipe.train_step import Prefetcher, StepClock, StepProgress, TrainStep, start_training, wrap_model
@@ -170,7 +173,12 @@ def train(args, stage):
         while progress < 1:
             clock.start()
             lrm = apply_schedules(optimizers, step, progress, args.warmup_steps, args.warmdown_ratio)
-            stats = step_fn.run(loader, epoch_progress)
+            try:
+                stats = step_fn.run(loader, epoch_progress)
+            except torch.OutOfMemoryError:
+                if step > start_step:
+                    raise
+                raise UserError(out_of_memory_message(args.device_batch_size, seq_len, world, total_batch)) from None
             step += 1
             train_loss, grad_norm = stats["loss"], stats["grad_norm"]
             check_finite(step, train_loss, grad_norm, ckpt_dir, saved_step, "--matrix-lr/--embedding-lr/--init-lr-frac")

@@ -86,6 +86,24 @@ def test_sft_refuses_to_overwrite_without_resume(in_world, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_sft_out_of_memory_in_the_first_step_names_a_smaller_batch(in_world, capsys):
+    def hook(module, inputs):  # the first forward of the first step runs out, as CUDA's allocator would raise
+        handle.remove()
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        with pytest.raises(SystemExit) as e:
+            run(chat_sft.main, [*SFT_FLAGS, "--num-iterations", "2", "--eval-every", "-1"])
+    finally:
+        handle.remove()
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: out of memory in the first step with --device-batch-size 4: use --device-batch-size 2 "
+                      "or less with --total-batch-size 512 (the total batch stays the same by accumulation)"], err
+    assert "Traceback" not in err and not list_steps(checkpoint_root("sft") / "d2")
+
+
 def test_chat_eval_and_cli(in_world):
     run(chat_sft.main, [*SFT_FLAGS, "--num-iterations", "2"])
     run(chat_eval.main, ["-i", "sft", "--max-per-task", "4", "--max-new-tokens", "8", "--tool-ablation",
