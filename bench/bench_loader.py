@@ -1,12 +1,12 @@
 """Pretraining loader throughput: tokens per second one rank's PretrainLoader delivers, against what one rank of a
-d20 run on 8xH100 consumes at 45% MFU.
+d20 run on 8xH100 consumes at 45% MFU; and the encoder it runs on (tiktoken) against the HF tokenizers encoder.
 
-    python bench/bench_loader.py [--corpus DIR] [--threads 4] [--seconds 20]
+    python bench/bench_loader.py [--corpus DIR] [--threads 4] [--seconds 20] [--vocab 32768]
 
 An 8-GPU node with ~32-64 cores leaves a rank ~4 of them for its loader, so the loader's tokenizer runs on
---threads threads (RAYON_NUM_THREADS; the tokenizers pool is sized once per process, so each figure is measured
-in its own child process). The baseline in the same run is the same loader on one thread, and the per-thread
-figure says what each thread delivers. The demand is derived here: the d20 model's FLOPs per token (seq 2048,
+--threads threads. Each figure is measured in its own child process. The baselines in the same run: the same
+loader on one thread, and the HF tokenizers encoder (what the loader used before) on one thread over the same
+documents, checked to give the same ids. The demand is derived here: the d20 model's FLOPs per token (seq 2048,
 vocab 32,768, as nanopipe.gpt counts them) and the H100 SXM's bf16 peak (nanopipe.common.PEAK_FLOPS):
 0.45 x peak / (FLOPs per token). The ratio delivered / demanded must be >= 3 so that the loader never shows
 in the step time.
@@ -67,13 +67,13 @@ def build(base: Path, corpus: Path | None, vocab: int) -> str:
 
 
 def measure(base: Path, threads: int, seconds: float, batch: int, seq: int) -> dict:
-    """One child process per thread count (the tokenizers pool is fixed at first use)."""
+    """The loader on `threads` tokenizer threads, in a child process."""
     code = f"""
 import json, time
 from nanopipe.dataloader import PretrainLoader
 from nanopipe.tokenizer import Tokenizer
 tok = Tokenizer.load({str(base / "tokenizer")!r})
-loader = PretrainLoader(tok, "bench", "train", {batch}, {seq})
+loader = PretrainLoader(tok, "bench", "train", {batch}, {seq}, tokenizer_threads={threads})
 next(loader)  # the first buffer fill
 t0, c0, n = time.perf_counter(), time.process_time(), 0
 while time.perf_counter() - t0 < {seconds}:
@@ -81,12 +81,42 @@ while time.perf_counter() - t0 < {seconds}:
     n += x.numel()
 print(json.dumps({{"tokens": n, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}}))
 """
-    env = dict(os.environ, NANOPIPE_BASE_DIR=str(base), RAYON_NUM_THREADS=str(threads), OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = _child(base, code)
     return {"threads": threads, "tok_per_s": result["tokens"] / result["seconds"],
             "tok_per_cpu_s": result["tokens"] / result["cpu_seconds"]}
+
+
+def measure_encoders(base: Path, max_chars: int) -> dict:
+    """tok/s of HF tokenizers (encode_batch_fast on a 1-thread pool) and of Tokenizer.encode (tiktoken, one
+    thread) over the first `max_chars` of the train documents, and how many documents' ids differ."""
+    code = f"""
+import json, time
+from nanopipe.shards import iter_documents
+from nanopipe.tokenizer import Tokenizer
+tok = Tokenizer.load({str(base / "tokenizer")!r})
+texts, chars = [], 0
+for text, _ in iter_documents("bench", "train", 0, 1):
+    texts.append(text)
+    chars += len(text)
+    if chars >= {max_chars}:
+        break
+t0 = time.perf_counter()
+hf = [e.ids for e in tok._hf.encode_batch_fast(texts, add_special_tokens=False)]
+t1 = time.perf_counter()
+ours = tok.encode(texts, num_threads=1)
+t2 = time.perf_counter()
+n = sum(map(len, hf))
+print(json.dumps({{"hf": n / (t1 - t0), "ours": n / (t2 - t1), "docs": len(texts), "tokens": n,
+                  "differ": sum(a != b for a, b in zip(hf, ours))}}))
+"""
+    return _child(base, code)
+
+
+def _child(base: Path, code: str) -> dict:
+    env = dict(os.environ, NANOPIPE_BASE_DIR=str(base), RAYON_NUM_THREADS="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -94,7 +124,7 @@ def main():
     p.add_argument("--corpus", type=Path, default=SHARED_CORPUS if SHARED_CORPUS.exists() else None)
     p.add_argument("--threads", type=int, default=4)
     p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--vocab", type=int, default=32768)
     args = p.parse_args()
     if args.corpus is not None and not list(args.corpus.glob("*.parquet")):
         print(f"error: --corpus {args.corpus}: no .parquet shards there; give a folder of shards with a text "
@@ -107,8 +137,12 @@ def main():
         base = Path(tmp)
         print(f"data: {build(base, args.corpus, args.vocab)}; tokenizer vocab {args.vocab:,}")
         cores = os.cpu_count()
+        encoders = measure_encoders(base, 4_000_000)
         baseline = measure(base, 1, args.seconds, 32, 2048)
         ours = measure(base, args.threads, args.seconds, 32, 2048)
+    print(f"encode, 1 thread, {encoders['docs']:,} documents ({encoders['tokens']:,} tokens): HF tokenizers "
+          f"{encoders['hf']:,.0f} tok/s (baseline), tiktoken {encoders['ours']:,.0f} tok/s: "
+          f"{encoders['ours'] / encoders['hf']:.2f}x; documents whose ids differ: {encoders['differ']}")
     print(f"loader, 1 thread (baseline):   {baseline['tok_per_s']:12,.0f} tok/s")
     print(f"loader, {args.threads} threads:             {ours['tok_per_s']:12,.0f} tok/s "
           f"({ours['tok_per_s'] / args.threads:,.0f} per thread; {cores} cores here"

@@ -19,8 +19,9 @@ from nanopipe.shards import iter_documents, list_shards
 
 class PretrainLoader:
     def __init__(self, tokenizer, data_name, split, batch_size, seq_len, device="cpu", rank=0, world_size=1,
-                 state=None, buffer_docs=1000, tokenizer_batch=128):
+                 state=None, buffer_docs=1000, tokenizer_batch=128, tokenizer_threads=None):
         self.tokenizer = tokenizer
+        self.tokenizer_threads = tokenizer_threads  # None: Tokenizer.encode's default
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.device = torch.device(device)
@@ -61,8 +62,8 @@ class PretrainLoader:
             else:
                 self.exhausted = True
             if texts:
-                encoded = [np.asarray(ids, dtype=self.token_dtype)
-                           for ids in self.tokenizer.encode(texts, prepend=self.bos)]
+                ids_lists = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.tokenizer_threads)
+                encoded = [np.asarray(ids, dtype=self.token_dtype) for ids in ids_lists]
                 self.docs.extend(encoded)
                 self.lengths = np.concatenate([self.lengths, [len(ids) for ids in encoded]])
 

@@ -15,6 +15,11 @@ this is exactly the training on the raw text. Larger corpora use k up to 8, samp
 carried within each stratum of chunks sharing a prefix, so every chunk family keeps its share: on 65 M chars
 of real text (vocab 32768) that costs 0.06 % of compression and trains 3x faster than the plain HF trainer,
 in 0.6x the time rustbpe takes (bench/bench_tokenizer.py).
+
+Encoding runs on tiktoken (as nanochat's does), built from the trained vocabulary: BPE by merge rank, where
+each merged token's id is its rank. It gives the HF tokenizer's ids on every text tested (tests/test_tokenizer.py:
+the corpus, the synthetic world, edge cases) at several times its speed on one thread (bench/bench_loader.py),
+and the pretraining loader must keep up with a GPU. tokenizer.json stays the format on disk and in exports.
 """
 
 import itertools
@@ -29,6 +34,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import tiktoken
 import torch
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
@@ -234,6 +240,22 @@ def chunk_feed(texts, num_workers=None, batch_chars=BATCH_CHARS, stats=None) -> 
     return [text for p in sorted(feeds) for text in feeds[p]]
 
 
+def _byte_of_char() -> dict[str, int]:
+    """The byte-level alphabet's inverse: GPT-2's printable character for each of the 256 bytes -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]  # mapped to U+0100.. in byte order
+    return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+
+
+def _tiktoken_encoding(hf: HFTokenizer, special_ids) -> tiktoken.Encoding:
+    """The same BPE as a tiktoken Encoding: rank = token id, so merges happen in the order training made them."""
+    byte_of = _byte_of_char()
+    ranks = {bytes(byte_of[c] for c in hf.id_to_token(i)): i
+             for i in range(hf.get_vocab_size(with_added_tokens=True)) if i not in special_ids}
+    return tiktoken.Encoding("nanopipe", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={})
+
+
 def _new_hf_tokenizer() -> HFTokenizer:
     hf = HFTokenizer(models.BPE())  # no unk token: all 256 bytes are in the vocab, so none is ever needed
     hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -262,6 +284,7 @@ class Tokenizer:
         self.bos_token_id = self._special_ids["<|bos|>"]
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         self._token_bytes = None
+        self._tiktoken = _tiktoken_encoding(hf, set(self._special_ids.values()))
 
     # --- training, saving, loading
 
@@ -335,14 +358,15 @@ class Tokenizer:
         """ids of a str, or a list of id lists for a list of str. `prepend`/`append`: a token id or special
         token name added to every sequence. Special-token text is encoded as text, never as a special token.
 
-        A list is encoded by the tokenizers thread pool (all cores, or $RAYON_NUM_THREADS), outside the GIL;
-        num_threads=1 encodes it in the calling thread instead."""
+        A list is encoded on `num_threads` threads outside the GIL (default: this rank's share of the CPUs the
+        process may use, torchrun's ranks on a node splitting them); num_threads=1 encodes it in the calling thread."""
         single = isinstance(text_or_list, str)
         texts = [text_or_list] if single else list(text_or_list)
-        if num_threads == 1:
-            encoded = [self._hf.encode(t, add_special_tokens=False).ids for t in texts]
+        num_threads = num_threads or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        if num_threads == 1 or len(texts) == 1:
+            encoded = [self._tiktoken.encode_ordinary(t) for t in texts]
         else:
-            encoded = [e.ids for e in self._hf.encode_batch_fast(texts, add_special_tokens=False)]
+            encoded = self._tiktoken.encode_ordinary_batch(texts, num_threads=num_threads)
         if prepend is not None or append is not None:
             head = [] if prepend is None else [self._token_id(prepend)]
             tail = [] if append is None else [self._token_id(append)]

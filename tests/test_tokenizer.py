@@ -18,6 +18,9 @@ from nanopipe import tokenizer as tokenizer_module
 from nanopipe.common import UserError, get_base_dir
 from nanopipe.tokenizer import (CHUNK_BOUNDARY, SPECIAL_TOKENS, Tokenizer, _new_hf_tokenizer, chunk_feed,
                                 count_chunks_into, get_tokenizer, sample_chunks, trainer_feed)
+from tests.conftest import SHARED
+
+SHARED_DATA = SHARED / "data"
 
 # Text in several scripts, so that some learned tokens hold only part of a UTF-8 character.
 MULTILINGUAL = [
@@ -200,6 +203,38 @@ def test_round_trip_and_byte_counts(tok, parts):
     assert not set(ids) & {tok.encode_special(s) for s in SPECIAL_TOKENS}  # special text is plain text
     token_bytes = tok.token_bytes()
     assert int(token_bytes[ids].sum()) == len(text.encode("utf-8"))
+
+
+def hf_ids(tok, text) -> list[int]:
+    """What the trained HF tokenizer itself gives: the reference the tiktoken encoder must equal."""
+    return tok._hf.encode(text, add_special_tokens=False).ids
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces)
+def test_tiktoken_encoder_equals_hf_on_any_text(tok, parts):
+    text = "".join(parts)
+    assert tok.encode(text) == hf_ids(tok, text)
+
+
+def world_and_real_texts():
+    """(texts, vocab): the synthetic world at the CPU speedrun's vocab; the shared corpus when present."""
+    from tasks.world.documents import generate_documents
+    yield list(generate_documents(0, 3000)), 2048
+    if (SHARED_DATA / "corpus").exists():
+        import pyarrow.parquet as pq
+        texts = pq.read_table(SHARED_DATA / "corpus" / "shard_00004.parquet", columns=["text"]).column(0).to_pylist()
+        yield texts, 8192
+
+
+def test_tiktoken_encoder_equals_hf_on_the_world_and_real_text(tok, docs):
+    cases = [(docs, None)] + list(world_and_real_texts())
+    for texts, vocab in cases:
+        trained = tok if vocab is None else Tokenizer.train(iter(texts), vocab_size=vocab)
+        ours = trained.encode(texts)
+        assert ours == [e.ids for e in trained._hf.encode_batch_fast(texts, add_special_tokens=False)]
+        assert trained.encode(texts, num_threads=1) == ours
+        assert sum(map(len, ours)) > 100_000
 
 
 def test_special_token_text_is_never_special(tok):
