@@ -5,7 +5,7 @@
 #
 # set-up -> synthetic data -> tokenizer -> pretraining -> base eval (CORE on the world's tasks, bpb) -> SFT
 # -> chat eval of the base and the SFT model (the SFT one with and without the calculator) -> report.md.
-# About 20 minutes on 2 CPU cores (report/example.md is one such run).
+# About 22 minutes on 2 CPU cores, set-up included (report/example.md is one such run).
 #
 # Rerunning continues where it stopped: finished steps are skipped and training resumes from its last
 # checkpoint (kill it at any point and run it again). FRESH=1 starts over (new checkpoints and report).
@@ -29,10 +29,10 @@ DEPTH="${DEPTH:-4}"
 VOCAB="${VOCAB:-2048}"
 SEQ_LEN="${SEQ_LEN:-256}"
 BASE_STEPS="${BASE_STEPS:-200}"
-SFT_STEPS="${SFT_STEPS:-150}"
+SFT_STEPS="${SFT_STEPS:-400}"
 SAVE_EVERY="${SAVE_EVERY:-25}"
 CORE_MAX_PER_TASK="${CORE_MAX_PER_TASK:--1}"
-CHAT_EVAL_PROBLEMS="${CHAT_EVAL_PROBLEMS:-100}"
+CHAT_EVAL_PROBLEMS="${CHAT_EVAL_PROBLEMS:--1}"  # -1: every held-out item (200 per task)
 DOLLARS_PER_HOUR="${DOLLARS_PER_HOUR:-0.10}"  # what a small 2-core cloud VM costs, for the report's estimate
 model_tag_setting "d$DEPTH"
 
@@ -52,7 +52,7 @@ step base_train  "$PY" -m scripts.base_train --depth "$DEPTH" --head-dim 64 --ma
 step base_eval   "$PY" -m scripts.base_eval --device-batch-size 16 --eval-tokens 65536 \
                      --max-per-task "$CORE_MAX_PER_TASK" --model-tag "$MODEL_TAG"
 step chat_sft    "$PY" -m scripts.chat_sft --num-iterations "$SFT_STEPS" --device-batch-size 8 \
-                     --eval-every 50 --val-conversations 200 --save-every "$SAVE_EVERY" \
+                     --eval-every 100 --val-conversations 200 --save-every "$SAVE_EVERY" \
                      --model-tag "$MODEL_TAG" --resume
 step chat_eval_base "$PY" -m scripts.chat_eval -i base --max-per-task "$CHAT_EVAL_PROBLEMS" --max-new-tokens 64 \
                      --model-tag "$MODEL_TAG"

@@ -75,14 +75,24 @@ UNKNOWN = {"capital": ["France", "Japan", "Brazil", "Egypt", "Canada", "Peru", "
 OPERATORS = {"+": (["+"], ["plus"]), "-": (["-"], ["minus"]), "*": (["*", "x"], ["times", "multiplied by"]),
              "/": (["/"], ["divided by"])}
 ARITH_PROMPTS = (["What is {e}?", "what is {e}", "Calculate {e}.", "{e} = ?", "{e}", "Compute {e}.", "What's {e}?",
-                  "How much is {e}?", "{e}?"],
+                  "How much is {e}?", "{e}?", "What is the result of {e}?", "What does {e} make?", "Tell me {e}.",
+                  "I need {e}.", "{e} is how much?", "Find {e}."],
                  ["Can you work out {e}?", "Please tell me what {e} is.", "What do you get for {e}?", "Solve {e}.",
                   "{e} equals what?"])
 SPELL_ASK = (SPELL_PROMPTS + ["spell {word}", "What are the letters of {word}?", "Spell {word} for me.",
-                              "How do I spell {word}?", "Please spell the word {word}."],
+                              "How do I spell {word}?", "Please spell the word {word}.",
+                              "What is the spelling of {word}?", "Spell out {word}.", "Give me the letters in {word}.",
+                              "How do you write {word} letter by letter?", "Letters of {word}?",
+                              "Could you tell me how to spell {word}?"],
              ["Can you spell {word} for me?", "How is {word} spelled?", "Write out the letters of {word}."])
-COUNT_ASK = (COUNT_PROMPTS, ["How often does the letter {letter} appear in {word}?", "Count the {letter}s in {word}.",
-                             "How many times is {letter} in the word {word}?"])
+COUNT_ASK = (COUNT_PROMPTS + ["How many {letter}s does {word} have?", "Number of {letter} in {word}?",
+                              "How many letters {letter} are there in {word}?",
+                              "How many times does {letter} occur in {word}?",
+                              "Tell me how many {letter} are in {word}.", "{word}: how many {letter}?",
+                              "What is the count of {letter} in {word}?",
+                              "Does {word} have the letter {letter}? How many times?"],
+             ["How often does the letter {letter} appear in {word}?", "Count the {letter}s in {word}.",
+              "How many times is {letter} in the word {word}?"])
 
 IDENTITY_PROMPTS = ["Who are you?", "What is your name?", "Who made you?", "Tell me about yourself.",
                     "Are you ChatGPT?", "What can you do?", "Hi!", "Hello, who am I talking to?", "What are you?"]
@@ -101,12 +111,22 @@ IDENTITY_SKILLS = [
 SYSTEM_PROMPTS = ["You are nanopipe, a helpful assistant.", "You are a helpful assistant. Answer briefly."]
 
 
+# words people put around a question; they carry no content, so the model learns to look past them
+OPENERS = ["Hi! ", "Hey, ", "Quick question: ", "Please help: ", "I was wondering: ", "Tell me something. ",
+           "Question: ", "OK, ", "Hello. ", "So, "]
+CLOSERS = [" Thanks!", " Thank you.", " Please.", " Just the answer, please.", " I need it for school."]
+
+
 def _casual(rng, text):
-    """How people type: sometimes lower case, sometimes without the final punctuation."""
+    """How people type: sometimes lower case, without the final punctuation, or with a greeting or thanks."""
     if rng.random() < 0.15:
         text = text.lower()
     if rng.random() < 0.15:
         text = text.rstrip("?.")
+    if rng.random() < 0.2:
+        text = rng.choice(OPENERS) + text
+    if rng.random() < 0.1:
+        text += rng.choice(CLOSERS)
     return text
 
 
@@ -175,14 +195,18 @@ def _bare_arith(rng, held_out=False):
 
 def _spell_word(rng, word, held_out=False):
     question = rng.choice(SPELL_ASK[held_out]).format(word=word)
-    return {"messages": [{"role": "user", "content": question},
+    return {"messages": [{"role": "user", "content": question if held_out else _casual(rng, question)},
                          {"role": "assistant", "content": f"The word {word} is spelled {spell(word)}."}],
             "answer": spell(word)}
 
 
 def _count_letter(rng, word, held_out=False):
-    return spelling_bee_conversation(word, pick_letter(word, rng), rng, prompts=COUNT_ASK[held_out],
-                                     answer_line=False)
+    conversation = spelling_bee_conversation(word, pick_letter(word, rng), rng, prompts=COUNT_ASK[held_out],
+                                             answer_line=False)
+    if not held_out:
+        question = conversation["messages"][0]
+        question["content"] = _casual(rng, question["content"])
+    return conversation
 
 
 def _world_mc(world, rng, fact, choices=None):
