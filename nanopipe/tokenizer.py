@@ -256,6 +256,11 @@ def _tiktoken_encoding(hf: HFTokenizer, special_ids) -> tiktoken.Encoding:
     return tiktoken.Encoding("nanopipe", pat_str=SPLIT_PATTERN, mergeable_ranks=ranks, special_tokens={})
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask on Linux; macOS has none, so all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _new_hf_tokenizer() -> HFTokenizer:
     hf = HFTokenizer(models.BPE())  # no unk token: all 256 bytes are in the vocab, so none is ever needed
     hf.pre_tokenizer = pre_tokenizers.Sequence([
@@ -362,7 +367,7 @@ class Tokenizer:
         process may use, torchrun's ranks on a node splitting them); num_threads=1 encodes it in the calling thread."""
         single = isinstance(text_or_list, str)
         texts = [text_or_list] if single else list(text_or_list)
-        num_threads = num_threads or max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        num_threads = num_threads or max(1, _usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         if num_threads == 1 or len(texts) == 1:
             encoded = [self._tiktoken.encode_ordinary(t) for t in texts]
         else:
