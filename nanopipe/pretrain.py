@@ -14,7 +14,7 @@ from nanopipe.common import UserError, format_duration, print0
 from nanopipe.gpt import GPT, config_from_depth
 from nanopipe.memory import FITS_FRACTION, GIB, predict_peaks
 from nanopipe.optim import setup_optimizers
-from nanopipe.training import LoopState
+from nanopipe.training import LoopState, valid_device_batch_sizes
 
 # the reference point of every depth-derived hyperparameter: d12 (width 768) trained at ratio 12 (upstream's
 # re-run scaling law; the fork used 10.5) with 2^19-token batches. It is one fixed run, whatever this run's
@@ -54,11 +54,6 @@ class PretrainLoopState(LoopState):
 def scaling_params_of(config) -> int:
     with torch.device("meta"):
         return GPT(config).num_scaling_params()
-
-
-def valid_device_batch_sizes(total_batch: int, seq_len: int, world: int) -> list[int]:
-    per_row = seq_len * world
-    return [b for b in range(1, total_batch // per_row + 1) if total_batch % (b * per_row) == 0]
 
 
 def make_plan(args, config, world_size: int, device_batch_size: int | None = None) -> Plan:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from nanopipe.common import format_duration
 from nanopipe.report import fmt
 from nanopipe.sft_data import SFTLoader
-from nanopipe.training import LoopState
+from nanopipe.training import LoopState, valid_device_batch_sizes
 
 
 @dataclass
@@ -73,10 +73,10 @@ def out_of_memory_message(batch: int, seq_len: int, world: int, total_batch: int
     """The error line for a first SFT step that ran out of memory: the next smaller device batch whose micro-batches
     still add up to this total batch (the trained rows per step stay the same)."""
     head = f"out of memory in the first step with --device-batch-size {batch}"
-    smaller = [b for b in range(batch - 1, 0, -1) if total_batch % (b * seq_len * world) == 0]
+    smaller = [b for b in valid_device_batch_sizes(total_batch, seq_len, world) if b < batch]
     if not smaller:
         return f"{head}: lower --max-seq-len"
-    return (f"{head}: use --device-batch-size {smaller[0]} or less with --total-batch-size {total_batch} "
+    return (f"{head}: use --device-batch-size {smaller[-1]} or less with --total-batch-size {total_batch} "
             "(the total batch stays the same by accumulation)")
 
 

@@ -66,6 +66,12 @@ class MetricLog:
             self.wandb.finish()
 
 
+def valid_device_batch_sizes(total_batch: int, seq_len: int, world: int) -> list[int]:
+    """The device batches (rows per micro-batch) whose micro-batches add up to total_batch tokens, ascending."""
+    per_row = seq_len * world
+    return [b for b in range(1, total_batch // per_row + 1) if total_batch % (b * per_row) == 0]
+
+
 def _log_at_checkpoint(records: list[dict], step: int, checkpoint_dir: Path | None) -> list[dict]:
     """The log lines a run resumed from `step` keeps: each step < `step` once, then `step`'s own line."""
     by_step = {}
