@@ -148,7 +148,8 @@ def dry_run():
     def fmt(value, spec):
         return "n/a" if value is None else format(value, spec)
     row(f"base_train --dry-run {sys.argv[2]}",
-        f"{fmt(p['tokens_per_second'], ',.0f')} tok/s, MFU {fmt(p['mfu'], '.1f')}{'' if p['mfu'] is None else '%'}, peak "
+        f"{fmt(p['tokens_per_second'], ',.0f')} tok/s, "
+        f"MFU {fmt(p['mfu'], '.1f')}{'' if p['mfu'] is None else '%'}, peak "
         f"{fmt(p['measured_peak_memory_gb'], '.2f')} GB measured vs {fmt(p['predicted_peak_memory_gb'], '.2f')} GB "
         f"predicted (batch {p['device_batch_size']} x accum {p['grad_accum']})")
 
