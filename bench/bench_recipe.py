@@ -12,7 +12,9 @@ the first --eval-tokens tokens of the val shard. The variant is extra base_train
 The corpus folder holds parquet shards with a `text` column, the last one being val (nanopipe's dataset
 layout). A vocab-32768 tokenizer is trained on it once (scripts.tok_train, about a minute) and kept in
 --work-dir with the results. Training is deterministic on CPU, so a result is reused when an arm's
-source files, flags and thread count are unchanged (--fresh reruns it).
+source files, flags and thread count are unchanged (--fresh reruns it). That also splits a comparison too
+long for one sitting: `--only variant` today, the same command without it tomorrow, which trains the default
+and prints both with the stored variant.
 """
 
 import argparse
@@ -29,6 +31,12 @@ from pathlib import Path
 from nanopipe.sources import update_download_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def refuse(message: str):
+    """Bad input: one error line and exit code 2, before anything is trained."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def source_digest(tree: Path) -> str:
@@ -53,7 +61,7 @@ def prepare_shared(work: Path, corpus: Path, threads: int) -> Path:
     data = shared / "data" / "bench"
     shards = sorted(corpus.glob("shard_*.parquet"))
     if len(shards) < 2:
-        sys.exit(f"error: --corpus {corpus} needs at least 2 shard_*.parquet files (train + the last as val)")
+        refuse(f"--corpus {corpus} needs at least 2 shard_*.parquet files (train + the last as val)")
     data.mkdir(parents=True, exist_ok=True)
     for shard in shards:
         link = data / shard.name
@@ -127,17 +135,24 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "nanopipe" / "bench_recipe")
     p.add_argument("--fresh", action="store_true", help="retrain even when a result for the same run is stored")
+    p.add_argument("--only", choices=["default", "variant"], default=None,
+                   help="train one arm (its result is stored, so a later run of both reuses it)")
     args = p.parse_args()
     if not args.corpus.is_dir():
-        sys.exit(f"error: --corpus {args.corpus} is not a folder: pass the folder of parquet shards")
+        refuse(f"--corpus {args.corpus} is not a folder: pass the folder of parquet shards")
     if args.variant_tree is not None and not (args.variant_tree / "scripts" / "base_train.py").exists():
-        sys.exit(f"error: --variant-tree {args.variant_tree} has no scripts/base_train.py: pass a nanopipe checkout")
+        refuse(f"--variant-tree {args.variant_tree} has no scripts/base_train.py: pass a nanopipe checkout")
+    variant_flags = shlex.split(args.variant_flags)
+    has_variant = bool(variant_flags) or args.variant_tree is not None
+    if args.only == "variant" and not has_variant:
+        refuse("--only variant needs the variant: give --variant-flags or --variant-tree")
     work = args.work_dir.expanduser().resolve()
     shared = prepare_shared(work, args.corpus.resolve(), args.threads)
 
-    arms = {"default": run_arm("default", REPO, [], args, work, shared)}
-    variant_flags = shlex.split(args.variant_flags)
-    if variant_flags or args.variant_tree is not None:
+    arms = {}
+    if args.only != "variant":
+        arms["default"] = run_arm("default", REPO, [], args, work, shared)
+    if has_variant and args.only != "default":
         tree = (args.variant_tree or REPO).resolve()
         arms["variant"] = run_arm("variant", tree, variant_flags, args, work, shared)
 
@@ -150,7 +165,7 @@ def main():
         speed = f"{r['tok_per_sec']:,.0f} tok/s" if r["tok_per_sec"] else "-"
         stored = "  (stored result)" if r.get("cached") else ""
         print(f"{name:8s} val bpb {r['val_bpb']:.4f}  {speed:>12s}  {what}{stored}")
-    if "variant" in arms:
+    if len(arms) == 2:
         print(f"ratio variant/default val bpb: {arms['variant']['val_bpb'] / arms['default']['val_bpb']:.4f}")
 
 
