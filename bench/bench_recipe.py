@@ -28,15 +28,10 @@ import sys
 import time
 from pathlib import Path
 
+from nanopipe.cli import ArgumentParser
 from nanopipe.sources import update_download_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def refuse(message: str):
-    """Bad input: one error line and exit code 2, before anything is trained."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def source_digest(tree: Path) -> str:
@@ -60,8 +55,6 @@ def prepare_shared(work: Path, corpus: Path, threads: int) -> Path:
     shared = work / "shared"
     data = shared / "data" / "bench"
     shards = sorted(corpus.glob("shard_*.parquet"))
-    if len(shards) < 2:
-        refuse(f"--corpus {corpus} needs at least 2 shard_*.parquet files (train + the last as val)")
     data.mkdir(parents=True, exist_ok=True)
     for shard in shards:
         link = data / shard.name
@@ -121,7 +114,7 @@ def run_arm(name: str, tree: Path, extra: list[str], args, work: Path, shared: P
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", type=Path, required=True, help="folder of parquet shards (the last is val)")
     p.add_argument("--variant-flags", default="", help="extra base_train flags of the variant (one string)")
     p.add_argument("--variant-tree", type=Path, default=None,
@@ -139,13 +132,15 @@ def main():
                    help="train one arm (its result is stored, so a later run of both reuses it)")
     args = p.parse_args()
     if not args.corpus.is_dir():
-        refuse(f"--corpus {args.corpus} is not a folder: pass the folder of parquet shards")
+        p.error(f"--corpus {args.corpus} is not a folder: pass the folder of parquet shards")
+    if len(list(args.corpus.glob("shard_*.parquet"))) < 2:
+        p.error(f"--corpus {args.corpus} needs at least 2 shard_*.parquet files (train + the last as val)")
     if args.variant_tree is not None and not (args.variant_tree / "scripts" / "base_train.py").exists():
-        refuse(f"--variant-tree {args.variant_tree} has no scripts/base_train.py: pass a nanopipe checkout")
+        p.error(f"--variant-tree {args.variant_tree} has no scripts/base_train.py: pass a nanopipe checkout")
     variant_flags = shlex.split(args.variant_flags)
     has_variant = bool(variant_flags) or args.variant_tree is not None
     if args.only == "variant" and not has_variant:
-        refuse("--only variant needs the variant: give --variant-flags or --variant-tree")
+        p.error("--only variant needs the variant: give --variant-flags or --variant-tree")
     work = args.work_dir.expanduser().resolve()
     shared = prepare_shared(work, args.corpus.resolve(), args.threads)
 
