@@ -14,7 +14,9 @@ layout). A vocab-32768 tokenizer is trained on it once (scripts.tok_train, about
 --work-dir with the results. Training is deterministic on CPU, so a result is reused when an arm's
 source files, flags and thread count are unchanged (--fresh reruns it). That also splits a comparison too
 long for one sitting: `--only variant` today, the same command without it tomorrow, which trains the default
-and prints both with the stored variant.
+and prints both with the stored variant. An arm checkpoints every 25 steps, so a killed arm (a closed laptop, an
+ended session) continues from its last checkpoint when the same command is run again; base_train's exact
+resume makes the result the same as an uninterrupted run's.
 """
 
 import argparse
@@ -25,13 +27,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from nanopipe.cli import ArgumentParser
 from nanopipe.sources import update_download_manifest
 
 REPO = Path(__file__).resolve().parents[1]
+# not part of a result's key: exact resume gives the same numbers with or without an interruption
+RESUME_FLAGS = ["--save-every", "25", "--resume"]
 
 
 def source_digest(tree: Path) -> str:
@@ -87,29 +90,30 @@ def run_arm(name: str, tree: Path, extra: list[str], args, work: Path, shared: P
         print(f"{name}: reusing the result of the same sources and flags ({key})", flush=True)
         return dict(results[key], cached=True)
     base = work / f"run_{key}"
-    shutil.rmtree(base, ignore_errors=True)
-    base.mkdir(parents=True)
-    for sub in ("data", "tokenizer"):
-        (base / sub).symlink_to(shared / sub)
-    print(f"{name}: {tree} base_train {shlex.join(extra) or '(defaults)'}", flush=True)
     log = work / f"{name}_{key}.log"
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.run([sys.executable, "-m", "scripts.base_train", *flags], cwd=tree, stdout=f,
-                              stderr=subprocess.STDOUT, env=child_env(tree, base, args.threads)).returncode
-    seconds = time.perf_counter() - t0
+    if args.fresh or not (base / "logs").exists():  # no run of this arm started yet: a fresh one
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir(parents=True)
+        for sub in ("data", "tokenizer"):
+            (base / sub).symlink_to(shared / sub)
+        log.unlink(missing_ok=True)
+    print(f"{name}: {tree} base_train {shlex.join(extra) or '(defaults)'} (log {log})", flush=True)
+    with open(log, "a") as f:
+        code = subprocess.run([sys.executable, "-m", "scripts.base_train", *flags, *RESUME_FLAGS], cwd=tree,
+                              stdout=f, stderr=subprocess.STDOUT, env=child_env(tree, base, args.threads)).returncode
     if code != 0:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         sys.exit(f"error: the {name} arm failed (exit {code}), log {log}; last lines:\n{tail}")
     records = [json.loads(line) for line in (base / "logs" / "bench.jsonl").read_text().splitlines()]
     final = next(r for r in reversed(records) if r.get("final"))
     steps = [r for r in records if "dt" in r][1:]  # the first step pays for warmup
-    result = {"val_bpb": final["val_bpb"], "seconds": seconds, "tree": str(tree), "flags": extra,
+    result = {"val_bpb": final["val_bpb"], "train_seconds": sum(r["dt"] for r in records if "dt" in r),
+              "tree": str(tree), "flags": extra,
               "tok_per_sec": sum(args.batch * args.seq for _ in steps) / sum(r["dt"] for r in steps) if steps else None}
-    shutil.rmtree(base)  # checkpoints are large and only the numbers are wanted
     results = json.loads(cache.read_text()) if cache.exists() else {}
     results[key] = result
     cache.write_text(json.dumps(results, indent=1) + "\n")
+    shutil.rmtree(base)  # checkpoints are large and only the numbers are wanted
     return result
 
 
